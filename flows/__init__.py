@@ -1,0 +1,14 @@
+"""Prefect wiring of the pipeline stages.
+
+Prefect reads its settings at import time, so they are set here, before any flow module
+imports prefect: its home lives inside facemine's data folder, telemetry is off.
+"""
+import os
+
+from storage.settings import Settings
+
+_prefect_home = Settings().prefect_home.resolve()
+_prefect_home.mkdir(parents=True, exist_ok=True)
+os.environ.setdefault("PREFECT_HOME", str(_prefect_home))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")

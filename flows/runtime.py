@@ -1,0 +1,78 @@
+"""Per-process resources shared by the tasks of a flow: settings, store, loaded models.
+
+Tasks receive settings as plain JSON (picklable, so shards can run on other workers, e.g. a
+Dask cluster through prefect-dask) and rebuild what they need here, once per process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from functools import lru_cache
+
+from pipeline.embed import Embedder, create_embedder
+from pipeline.mining import Miner, build_miner
+from storage.settings import Settings
+from storage.store import ModelInfo, Store
+
+
+def settings_payload(settings: Settings) -> str:
+    return settings.model_dump_json()
+
+
+@lru_cache(maxsize=4)
+def settings_from(payload: str) -> Settings:
+    return Settings(**json.loads(payload))
+
+
+@lru_cache(maxsize=4)
+def store_for(payload: str) -> Store:
+    return Store(settings_from(payload))
+
+
+@lru_cache(maxsize=4)
+def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
+    return create_embedder(kind, weights=weights, device=device)
+
+
+def register(store: Store, embedder: Embedder, name: str | None = None) -> ModelInfo:
+    return store.register_model(
+        name=name or embedder.name,
+        kind=embedder.kind,
+        weights_path=str(embedder.weights_path) if embedder.weights_path else None,
+        weights_hash=embedder.weights_hash,
+        embedding_dim=embedder.preprocessing.embedding_dim,
+        preprocessing=dataclasses.asdict(embedder.preprocessing),
+    )
+
+
+def current_embedder(payload: str) -> tuple[Embedder, ModelInfo]:
+    """The store's current model, or the configured default registered as the first model."""
+    settings = settings_from(payload)
+    store = store_for(payload)
+    current = store.current_model()
+    if current is not None:
+        return load_embedder(current.kind, current.weights_path, settings.embed.device), current
+    weights = settings.default_weights(settings.embed.model)
+    embedder = load_embedder(settings.embed.model, str(weights) if weights else None, settings.embed.device)
+    return embedder, register(store, embedder)
+
+
+def miner_for(payload: str) -> tuple[Miner, ModelInfo]:
+    """A miner around the current model (re-read each call: a promotion switches models)."""
+    _, model = current_embedder(payload)
+    return _miner(payload, model.kind, model.weights_path), model
+
+
+@lru_cache(maxsize=2)
+def _miner(payload: str, kind: str, weights: str | None) -> Miner:
+    settings = settings_from(payload)
+    embedder = load_embedder(kind, weights, settings.embed.device)
+    return build_miner(
+        settings.ingest,
+        settings.detect,
+        settings.quality,
+        embedder,
+        embed_batch_size=settings.embed.batch_size,
+        flip_tta=settings.embed.flip_tta,
+        decode_workers=settings.mine.decode_workers,
+    )

@@ -1,0 +1,1 @@
+"""Human review of identities: queue, terminal app, scriptable label commands, contact sheets."""

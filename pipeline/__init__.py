@@ -1,0 +1,1 @@
+"""Plain-Python stages of facemine: no Prefect, no SQL, no global state."""

@@ -1,0 +1,132 @@
+"""Typed parameters of every stage.
+
+Each stage takes its own config object; `storage.settings.Settings` composes them so one
+settings object (environment variables + config file) feeds the whole pipeline.
+Defaults are general-purpose, not tuned to any one photo set.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class IngestConfig(BaseModel):
+    extensions: tuple[str, ...] = (
+        ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm",
+    )
+    # Pillow refuses images above this many pixels (decompression-bomb guard).
+    max_image_pixels: int = Field(default=120_000_000, gt=0)
+    # Photos whose long side exceeds this are downscaled for detection only;
+    # boxes and landmarks are mapped back to original pixels.
+    detect_max_side: int = Field(default=1600, ge=64)
+
+
+class DetectConfig(BaseModel):
+    # Smallest face side searched for, in pixels of the (possibly downscaled) detection image.
+    min_face_size: int = Field(default=20, ge=8)
+    # MTCNN's P-, R- and O-net thresholds.
+    stage_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    # Detections below this probability are dropped before alignment.
+    min_score: float = Field(default=0.9, ge=0.0, le=1.0)
+    scale_factor: float = Field(default=0.709, gt=0.1, lt=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    # Photos in one MTCNN call are zero-padded to a common size; this caps padded pixels per
+    # call (memory), so big photos go in smaller batches.
+    batch_max_pixels: int = Field(default=16 * 1024 * 1024, ge=1)
+
+
+class QualityConfig(BaseModel):
+    min_det_score: float = Field(default=0.95, ge=0.0, le=1.0)
+    # Inter-eye distance in original pixels.
+    min_eye_distance: float = Field(default=12.0, ge=0.0)
+    # Variance of the Laplacian of the grey aligned chip.
+    min_sharpness: float = Field(default=30.0, ge=0.0)
+    max_abs_yaw: float = Field(default=45.0, ge=0.0, le=90.0)
+    max_abs_pitch: float = Field(default=40.0, ge=0.0, le=90.0)
+    # Mean grey level of the chip (0..255).
+    min_brightness: float = Field(default=40.0, ge=0.0, le=255.0)
+    max_brightness: float = Field(default=225.0, ge=0.0, le=255.0)
+    min_contrast: float = Field(default=15.0, ge=0.0)
+    # Combined score in [0, 1] must reach this as well.
+    min_score: float = Field(default=0.3, ge=0.0, le=1.0)
+
+
+class EmbedConfig(BaseModel):
+    model: str = "sface"
+    # Local weights file; for `sface` defaults to ../shared/models when present.
+    weights: str | None = None
+    batch_size: int = Field(default=128, ge=1)
+    flip_tta: bool = False
+    # "auto" picks CUDA when available.
+    device: str = "auto"
+
+
+class ClusterConfig(BaseModel):
+    method: str = "infomap"
+    k: int = Field(default=30, ge=2, le=1000)
+    # Edges weaker than this cosine similarity are dropped from the k-NN graph.
+    min_similarity: float = Field(default=0.35, ge=-1.0, le=1.0)
+    # Largest size for an exact index; above it an IVF index is used.
+    exact_index_max: int = Field(default=1_000_000, ge=1)
+    query_batch: int = Field(default=65_536, ge=1)
+    # Cross-subset merge: representatives per identity and required margin.
+    merge_representatives: int = Field(default=5, ge=1)
+    merge_min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
+    merge_margin: float = Field(default=0.05, ge=0.0)
+    # Low-quality faces attach to an identity only when this confident.
+    attach_min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
+    min_cluster_size: int = Field(default=2, ge=1)
+
+
+class DedupConfig(BaseModel):
+    # Near-duplicate photos: Hamming distance on a 64-bit perceptual hash.
+    near_duplicate_max_hamming: int = Field(default=6, ge=0, le=64)
+    # Near-duplicate faces inside one identity: chip-embedding cosine above this.
+    near_duplicate_min_similarity: float = Field(default=0.97, ge=-1.0, le=1.0)
+    remove_outliers: bool = False
+    outlier_max_distance: float = Field(default=0.75, ge=0.0, le=2.0)
+
+
+class ExportConfig(BaseModel):
+    min_faces_per_identity: int = Field(default=2, ge=1)
+    max_faces_per_identity: int | None = Field(default=None, ge=1)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class TrainConfig(BaseModel):
+    # "current": fine-tune the embedder handed to training; "fresh": its architecture with
+    # re-initialised weights (then freeze_fraction must be 0).
+    base_model: str = "current"
+    # "arcface" (margin: angle in radians) or "cosface" (margin on the cosine, typically 0.35).
+    loss: str = "arcface"
+    margin: float = Field(default=0.5, ge=0.0, le=1.5)
+    scale: float = Field(default=64.0, gt=0.0)
+    # Sub-centres per class (sub-centre ArcFace, 3 is usual): tolerates noisy mined labels.
+    sub_centers: int = Field(default=1, ge=1, le=10)
+    # Partial FC: fraction of class centres scored per step; the batch's own classes always are.
+    partial_fc_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    epochs: int = Field(default=2, ge=1)
+    # Per process (GPU); the LR scales with the total over all processes.
+    batch_size: int = Field(default=64, ge=2)
+    base_lr: float = Field(default=0.01, gt=0.0)
+    # LR is scaled linearly from this reference batch size.
+    reference_batch_size: int = Field(default=256, ge=1)
+    warmup_epochs: float = Field(default=0.5, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=5e-4, ge=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    grad_clip: float = Field(default=5.0, gt=0.0)
+    # Fraction of parameter tensors, in module order, kept frozen (early layers).
+    freeze_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
+    # Start each class centre at the mean embedding of its faces (ignored for a fresh model).
+    imprint_centers: bool = True
+    # Per-chip augmentation probabilities; 0 turns one off.
+    flip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
+    low_resolution_probability: float = Field(default=0.2, ge=0.0, le=1.0)
+    occlusion_probability: float = Field(default=0.2, ge=0.0, le=1.0)
+    # bf16 (or fp16 with loss scaling) autocast on CUDA; CPU always trains in float32.
+    mixed_precision: bool = True
+    num_workers: int = Field(default=2, ge=0)
+    # Validation pairs: at most this many same-identity pairs, and as many different-identity ones.
+    val_max_pairs: int = Field(default=20_000, ge=2)
+    seed: int = 0

@@ -1,0 +1,183 @@
+"""k-nearest-neighbour graphs over face embeddings (faiss, cosine similarity).
+
+Embeddings are compared by inner product after L2 normalisation, i.e. by cosine similarity.
+
+Public API
+----------
+``KnnGraph``
+    ``indices`` (N, k) int64 and ``similarities`` (N, k) float32, each row sorted by decreasing
+    similarity. A row lists fewer than k real neighbours only when the base set is smaller than k
+    or an approximate index returned fewer; missing slots hold index -1 and similarity -inf.
+``build_knn(embeddings, k, ...) -> KnnGraph``
+    Each face's k nearest *other* faces (self excluded).
+``knn_between(queries, base, k, ...) -> KnnGraph``
+    Each query's k nearest rows of ``base`` (indices into ``base``); used for cross-set questions
+    such as attaching a face to identity centroids.
+
+Index choice: an exact ``IndexFlatIP`` up to ``exact_max`` base vectors, an ``IndexIVFFlat``
+(about 4*sqrt(N) lists, ``nprobe`` of them searched) beyond. With ``device="auto"`` the index
+runs on every visible GPU when faiss was built with GPU support and CUDA is available, else on
+the CPU. Queries go through in batches of ``query_batch`` rows so the result buffers of one
+search stay bounded however large N is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from pipeline.device import resolve_device
+from pipeline.errors import FacemineError
+
+MISSING = -1
+# faiss wants 39-256 training points per IVF list: fewer give poor centroids, more only slow training.
+_MIN_POINTS_PER_LIST = 39
+_TRAIN_POINTS_PER_LIST = 64
+
+
+@dataclass(frozen=True)
+class KnnGraph:
+    indices: np.ndarray
+    similarities: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    def edges(self, min_similarity: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Undirected edge list (source, target, similarity) with source < target, each pair once.
+
+        Keeps edges with similarity >= ``min_similarity``; a pair found from both ends counts once.
+        """
+        n, k = self.indices.shape
+        source = np.repeat(np.arange(n, dtype=np.int64), k)
+        target = self.indices.ravel()
+        similarity = self.similarities.ravel()
+        keep = (target != MISSING) & (similarity >= min_similarity) & (source != target)
+        low = np.minimum(source[keep], target[keep])
+        high = np.maximum(source[keep], target[keep])
+        pairs, first = np.unique(np.stack([low, high], axis=1), axis=0, return_index=True)
+        return pairs[:, 0], pairs[:, 1], similarity[keep][first]
+
+
+def normalize(embeddings: np.ndarray) -> np.ndarray:
+    """Float32, C-contiguous, unit-length rows (a copy only when needed)."""
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise FacemineError(f"embeddings must be a 2-D array, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1)
+    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+        raise FacemineError("embeddings contain zero or non-finite vectors")
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return vectors
+    return vectors / norms[:, None]
+
+
+def build_knn(
+    embeddings: np.ndarray,
+    k: int,
+    *,
+    exact_max: int = 1_000_000,
+    query_batch: int = 65_536,
+    nprobe: int = 32,
+    device: str = "auto",
+) -> KnnGraph:
+    """The k nearest other faces of every face (self excluded), by cosine similarity."""
+    vectors = normalize(embeddings)
+    neighbours = _search(vectors, vectors, k + 1, exact_max, query_batch, nprobe, device)
+    return _drop_self(neighbours)
+
+
+def knn_between(
+    queries: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    *,
+    exact_max: int = 1_000_000,
+    query_batch: int = 65_536,
+    nprobe: int = 32,
+    device: str = "auto",
+) -> KnnGraph:
+    """The k nearest rows of ``base`` for every row of ``queries`` (indices into ``base``)."""
+    return _search(normalize(queries), normalize(base), k, exact_max, query_batch, nprobe, device)
+
+
+def _search(
+    queries: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    exact_max: int,
+    query_batch: int,
+    nprobe: int,
+    device: str,
+) -> KnnGraph:
+    if k < 1:
+        raise FacemineError(f"k must be at least 1, got {k}")
+    if queries.shape[1] != base.shape[1]:
+        raise FacemineError(f"query dimension {queries.shape[1]} differs from base dimension {base.shape[1]}")
+    index = _build_index(base, exact_max, nprobe, _use_gpu(device))
+    searched = min(k, len(base))
+    parts = [index.search(queries[start:start + query_batch], searched) for start in range(0, len(queries), query_batch)]
+    similarities = np.concatenate([part[0] for part in parts]) if parts else np.empty((0, searched), np.float32)
+    indices = np.concatenate([part[1] for part in parts]) if parts else np.empty((0, searched), np.int64)
+    similarities[indices == MISSING] = -np.inf
+    return _pad(KnnGraph(indices.astype(np.int64), similarities.astype(np.float32)), k)
+
+
+def _build_index(base: np.ndarray, exact_max: int, nprobe: int, use_gpu: bool) -> faiss.Index:
+    dim = base.shape[1]
+    lists = max(1, min(int(4 * np.sqrt(len(base))), len(base) // _MIN_POINTS_PER_LIST))
+    exact = len(base) <= exact_max
+    if exact:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not exact:
+        index.train(_training_sample(base, lists))
+        space = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
+        space.set_index_parameter(index, "nprobe", nprobe)
+    index.add(base)
+    return index
+
+
+def _training_sample(base: np.ndarray, lists: int) -> np.ndarray:
+    size = min(len(base), lists * _TRAIN_POINTS_PER_LIST)
+    chosen = np.random.default_rng(0).choice(len(base), size=size, replace=False)
+    return base[np.sort(chosen)]
+
+
+def _use_gpu(device: str) -> bool:
+    wants_cuda = resolve_device(device).type == "cuda"
+    gpu_faiss = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if wants_cuda and not gpu_faiss and device != "auto":
+        raise FacemineError("faiss has no GPU support here: install faiss-gpu (extra 'gpu') or use device 'cpu'")
+    return wants_cuda and gpu_faiss
+
+
+def _drop_self(graph: KnnGraph) -> KnnGraph:
+    """Remove each row's own index; rows that did not find themselves (exact duplicates, IVF misses) lose their last slot."""
+    n, searched = graph.indices.shape
+    is_self = graph.indices == np.arange(n)[:, None]
+    drop = is_self.copy()
+    drop[~is_self.any(axis=1), -1] = True
+    # Only the first self hit is dropped; a second cannot occur since faiss returns distinct ids.
+    keep = ~drop
+    return KnnGraph(
+        graph.indices[keep].reshape(n, searched - 1),
+        graph.similarities[keep].reshape(n, searched - 1),
+    )
+
+
+def _pad(graph: KnnGraph, k: int) -> KnnGraph:
+    """Widen to k columns with missing slots when the base set held fewer than k vectors."""
+    missing = k - graph.k
+    if missing <= 0:
+        return graph
+    n = len(graph.indices)
+    return KnnGraph(
+        np.hstack([graph.indices, np.full((n, missing), MISSING, np.int64)]),
+        np.hstack([graph.similarities, np.full((n, missing), -np.inf, np.float32)]),
+    )

@@ -1,0 +1,1 @@
+"""The only package that knows SQL, file layout and formats."""

@@ -1,0 +1,119 @@
+"""One settings object for the whole of facemine.
+
+Sources, highest priority first: explicit keyword arguments, environment variables
+(`FACEMINE_` prefix, `__` between nested names, e.g. `FACEMINE_QUALITY__MIN_SHARPNESS=50`),
+then a TOML config file (`FACEMINE_CONFIG`, else `./facemine.toml` when present).
+"""
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pipeline.config import (
+    ClusterConfig,
+    DedupConfig,
+    DetectConfig,
+    EmbedConfig,
+    ExportConfig,
+    IngestConfig,
+    QualityConfig,
+    TrainConfig,
+)
+
+DEFAULT_SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
+
+
+class MineConfig(BaseModel):
+    # Images per Prefect task: a shard is the unit of retries and atomic writes.
+    shard_size: int = Field(default=1000, ge=1)
+    task_retries: int = Field(default=2, ge=0)
+    retry_delay_seconds: float = Field(default=2.0, ge=0.0)
+    # Decode photos in this many threads while the models run.
+    decode_workers: int = Field(default=2, ge=1)
+
+
+class ServeConfig(BaseModel):
+    watch_folders: list[str] = Field(default_factory=list)
+    watch_subset: str = "watched"
+    mine_cron: str | None = None
+    mine_interval_seconds: int | None = Field(default=3600, ge=10)
+    cluster_cron: str | None = None
+    cluster_interval_seconds: int | None = Field(default=86400, ge=10)
+    gpu_concurrency_limit: int = Field(default=1, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FACEMINE_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    data_dir: Path = Path("facemine-data")
+    # Any SQLAlchemy URL; defaults to a SQLite file inside data_dir.
+    database_url: str | None = None
+    shared_models_dir: Path = DEFAULT_SHARED_MODELS
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    detect: DetectConfig = Field(default_factory=DetectConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = os.environ.get("FACEMINE_CONFIG") or "facemine.toml"
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+        return init_settings, env_settings, toml
+
+    @cached_property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'facemine.db').resolve()}"
+
+    @property
+    def chips_dir(self) -> Path:
+        return self.data_dir / "chips"
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.data_dir / "embeddings"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.data_dir / "prefect"
+
+    def default_weights(self, model: str) -> Path | None:
+        """Where a named embedder's weights come from unless a path is given."""
+        if self.embed.weights and self.embed.model == model:
+            return Path(self.embed.weights)
+        if model == "sface":
+            return self.shared_models_dir / "sface_2021dec_fp32.onnx"
+        return None

@@ -1,0 +1,33 @@
+"""Shared test fixtures. Real photos come from ../shared/data (beside the checkout)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+SFACE_WEIGHTS = SHARED / "models" / "sface_2021dec_fp32.onnx"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Never let a developer's own settings or Prefect profile leak into tests.
+    for name in list(os.environ):
+        if name.startswith("FACEMINE_"):
+            del os.environ[name]
+    os.environ["FACEMINE_CONFIG"] = str(REPO / "tests" / "no-such-config.toml")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["DO_NOT_TRACK"] = "1"
+    os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / ".pytest_cache" / "prefect-home"))
+    if not DATA.is_dir():
+        raise pytest.UsageError(f"test data not found at {DATA}: check out the repo beside ../shared")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh facemine data folder, also the default for code reading Settings() from the environment."""
+    folder = tmp_path / "facemine-data"
+    monkeypatch.setenv("FACEMINE_DATA_DIR", str(folder))
+    return folder

@@ -10,6 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from flows import progress
+from flows.gpu import gpu_slot
 from flows.runtime import miner_for, settings_from, settings_payload, store_for
 from pipeline.hashing import file_sha256
 from pipeline.ingest import iter_image_files
@@ -40,9 +41,8 @@ def _content_hashes(paths: list[str]) -> dict[str, str]:
     return hashes
 
 
-@task(name="mine-shard")
-def mine_shard(subset: str, paths: list[str], payload: str) -> dict:
-    """One shard: skip photos stored unchanged, mine the rest, store them in one transaction."""
+def mine_paths(subset: str, paths: list[str], payload: str) -> dict:
+    """One shard, plain Python: skip photos stored unchanged, mine the rest, store them in one transaction."""
     store = store_for(payload)
     hashes = _content_hashes(paths)
     unchanged = store.unchanged_paths(subset, hashes)
@@ -54,6 +54,12 @@ def mine_shard(subset: str, paths: list[str], payload: str) -> dict:
     summary = store.write_mine_shard(subset, model, records)
     summary.photos_unchanged += len(unchanged)
     return dataclasses.asdict(summary)
+
+
+@task(name="mine-shard")
+def mine_shard(subset: str, paths: list[str], payload: str) -> dict:
+    with gpu_slot():
+        return mine_paths(subset, paths, payload)
 
 
 def shard_paths(paths: list[str], shard_size: int) -> list[list[str]]:

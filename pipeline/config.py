@@ -6,6 +6,8 @@ Defaults are general-purpose, not tuned to any one photo set.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -38,16 +40,19 @@ class QualityConfig(BaseModel):
     min_det_score: float = Field(default=0.95, ge=0.0, le=1.0)
     # Inter-eye distance in original pixels.
     min_eye_distance: float = Field(default=12.0, ge=0.0)
-    # Variance of the Laplacian of the grey aligned chip.
+    # Variance of the Laplacian of the grey face region of the aligned chip.
     min_sharpness: float = Field(default=30.0, ge=0.0)
+    # Degrees, from the five landmarks (`pipeline.quality.estimate_pose`).
     max_abs_yaw: float = Field(default=45.0, ge=0.0, le=90.0)
     max_abs_pitch: float = Field(default=40.0, ge=0.0, le=90.0)
-    # Mean grey level of the chip (0..255).
+    # Mean grey level of that face region (0..255); contrast is its standard deviation.
     min_brightness: float = Field(default=40.0, ge=0.0, le=255.0)
     max_brightness: float = Field(default=225.0, ge=0.0, le=255.0)
     min_contrast: float = Field(default=15.0, ge=0.0)
-    # Combined score in [0, 1] must reach this as well.
-    min_score: float = Field(default=0.3, ge=0.0, le=1.0)
+    # Combined score in [0, 1] must reach this as well. A face sitting exactly at every
+    # default threshold above scores 0.58, so 0.6 rejects faces borderline on every count
+    # while one borderline metric alone does not sink a face.
+    min_score: float = Field(default=0.6, ge=0.0, le=1.0)
 
 
 class EmbedConfig(BaseModel):
@@ -61,28 +66,54 @@ class EmbedConfig(BaseModel):
 
 
 class ClusterConfig(BaseModel):
+    """Parameters of `pipeline.cluster.cluster_faces`; similarities are cosine similarities."""
+
+    # Registry name in `pipeline.cluster.CLUSTERERS`: infomap, components, hac, dbscan, hdbscan.
     method: str = "infomap"
+    # k-NN graph: neighbours per face, and the floor below which edges are dropped. Graph
+    # methods weigh an edge by how far its similarity rises above the floor.
     k: int = Field(default=30, ge=2, le=1000)
-    # Edges weaker than this cosine similarity are dropped from the k-NN graph.
-    min_similarity: float = Field(default=0.35, ge=-1.0, le=1.0)
-    # Largest size for an exact index; above it an IVF index is used.
+    min_similarity: float = Field(default=0.35, ge=-1.0, lt=1.0)
+    # Largest size for an exact index; above it an IVF index searching `ivf_nprobe` lists is used.
     exact_index_max: int = Field(default=1_000_000, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
     query_batch: int = Field(default=65_536, ge=1)
-    # Cross-subset merge: representatives per identity and required margin.
+    # "auto" runs faiss on the GPU when faiss-gpu and CUDA are present.
+    device: str = "auto"
+    # Infomap's random seed (it requires >= 1) and number of trials, best kept.
+    seed: int = Field(default=1, ge=1)
+    infomap_trials: int = Field(default=1, ge=1)
+    # Method-specific knobs (baselines); distances are cosine distances (1 - similarity).
+    components_min_similarity: float = Field(default=0.5, ge=-1.0, lt=1.0)
+    dbscan_eps: float = Field(default=0.5, gt=0.0, le=2.0)
+    dbscan_min_samples: int = Field(default=2, ge=1)
+    hdbscan_min_cluster_size: int = Field(default=2, ge=2)
+    hdbscan_min_samples: int | None = Field(default=None, ge=1)
+    hac_linkage: Literal["average", "complete", "single"] = "average"
+    hac_distance_threshold: float = Field(default=0.6, gt=0.0, le=2.0)
+    # Smaller clusters are dissolved; their faces may still attach (see attach_*).
+    min_cluster_size: int = Field(default=2, ge=1)
+    # Cross-subset merge: representatives per identity, the median best-match similarity they
+    # must reach, and its margin over the runner-up identity of the same subset.
     merge_representatives: int = Field(default=5, ge=1)
     merge_min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
     merge_margin: float = Field(default=0.05, ge=0.0)
-    # Low-quality faces attach to an identity only when this confident.
+    # An unassigned face joins the identity whose centroid it is this similar to, with this
+    # margin over the second-best identity; otherwise it stays unassigned.
     attach_min_similarity: float = Field(default=0.5, ge=-1.0, le=1.0)
-    min_cluster_size: int = Field(default=2, ge=1)
+    attach_margin: float = Field(default=0.1, ge=0.0)
+    # A new cluster keeps an earlier identity id when at least this share of its previously
+    # assigned faces came from that identity.
+    match_min_overlap: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
 class DedupConfig(BaseModel):
     # Near-duplicate photos: Hamming distance on a 64-bit perceptual hash.
     near_duplicate_max_hamming: int = Field(default=6, ge=0, le=64)
-    # Near-duplicate faces inside one identity: chip-embedding cosine above this.
+    # Near-duplicate faces inside one identity: chip-embedding cosine at or above this.
     near_duplicate_min_similarity: float = Field(default=0.97, ge=-1.0, le=1.0)
     remove_outliers: bool = False
+    # Cosine distance (1 - similarity) to the identity centroid beyond which a face is an outlier.
     outlier_max_distance: float = Field(default=0.75, ge=0.0, le=2.0)
 
 
@@ -130,3 +161,23 @@ class TrainConfig(BaseModel):
     # Validation pairs: at most this many same-identity pairs, and as many different-identity ones.
     val_max_pairs: int = Field(default=20_000, ge=2)
     seed: int = 0
+
+
+class GateConfig(BaseModel):
+    """Held-out validation of retrained models, the promotion gate and the closed loop's patience."""
+
+    # Verification pairs CSV (path_a, path_b, same) and labelled photos CSV (path, identity) for
+    # clustering metrics; relative paths inside a CSV are relative to its folder. Their faces are
+    # detected once and cached, and never join the mined data.
+    validation_pairs: str | None = None
+    validation_truth: str | None = None
+    # Held-out metric a candidate must beat the current model on (higher is better); export_val_*
+    # are measured on the exported dataset's own validation split.
+    metric: str = Field(
+        default="verification_accuracy",
+        pattern=r"^((verification|export_val)_(accuracy|auc|tar@far=[0-9.e-]+)|clustering_(nmi|(bcubed|pairwise)_(f|precision|recall)))$",
+    )
+    # The candidate must beat the current model by more than this (ties never promote).
+    min_improvement: float = Field(default=0.0, ge=0.0)
+    # Closed loop: stop after this many iterations in a row without a promotion.
+    patience: int = Field(default=1, ge=1)

@@ -46,7 +46,8 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
-            raise FacemineError(f"unknown alignment template '{self.template}' (known: {', '.join(TEMPLATES)})")
+            known = ", ".join(TEMPLATES)
+            raise FacemineError(f"unknown alignment template '{self.template}' (known: {known})")
         if TEMPLATES[self.template].size != self.input_size:
             raise FacemineError(
                 f"template '{self.template}' makes {TEMPLATES[self.template].size}px chips, "
@@ -149,7 +150,9 @@ def register_embedder(name: str) -> Callable[[EmbedderBuilder], EmbedderBuilder]
     return register
 
 
-def create_embedder(name: str = "sface", weights: str | Path | None = None, device: str | torch.device = "auto") -> Embedder:
+def create_embedder(
+    name: str = "sface", weights: str | Path | None = None, device: str | torch.device = "auto"
+) -> Embedder:
     """Build the embedder registered as `name`, on `device` ("auto": CUDA when available)."""
     try:
         builder = EMBEDDERS[name]
@@ -194,7 +197,8 @@ SFACE_PREPROCESSING = Preprocessing(input_size=112, template="arcface_112", colo
 
 @register_embedder("sface")
 def build_sface(weights: Path | None, device: torch.device) -> Embedder:
-    path = _existing_file(weights, "sface", "pass the SFace ONNX file, e.g. ../shared/models/sface_2021dec_fp32.onnx")
+    hint = "pass the SFace ONNX file, e.g. ../shared/models/sface_2021dec_fp32.onnx"
+    path = _existing_file(weights, "sface", hint)
     try:
         # onnx2torch yields an ordinary trainable torch module (parameters, BatchNorm, PReLU).
         module = onnx2torch.convert(onnx.load(path))
@@ -275,7 +279,9 @@ def build_checkpoint(weights: Path | None, device: torch.device) -> Embedder:
     try:
         base.module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        raise FacemineError(f"checkpoint {path} does not fit base model '{checkpoint['base']}': {error}") from error
+        raise FacemineError(
+            f"checkpoint {path} does not fit base model '{checkpoint['base']}': {error}"
+        ) from error
     preprocessing = Preprocessing(**checkpoint["preprocessing"])
     if preprocessing.embedding_dim != checkpoint["embedding_dim"]:
         raise FacemineError(f"checkpoint {path} is inconsistent: embedding_dim differs from its preprocessing")

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -42,7 +43,7 @@ _SIXTEEN_TO_EIGHT_BIT = 257.0
 class ImageRejected(Exception):
     """A file that yields no image; `status` is "skipped" or "failed" (see module docstring)."""
 
-    def __init__(self, status: str, reason: str) -> None:
+    def __init__(self, status: Literal["skipped", "failed"], reason: str) -> None:
         super().__init__(f"{status}: {reason}")
         self.status = status
         self.reason = reason

@@ -145,3 +145,11 @@ def build_miner(
 ) -> Miner:
     detector = FaceDetector(detect, device=embedder.device, max_side=ingest.detect_max_side)
     return Miner(detector, embedder, ingest, quality, embed_batch_size, flip_tta, decode_workers)
+
+
+def realign_faces(
+    path: str, landmarks: Sequence[np.ndarray], template: str, ingest: IngestConfig
+) -> list[np.ndarray]:
+    """Cut chips for another model's template from the original photo (detection is not repeated)."""
+    image = load_image(path, ingest)
+    return [align_face(image.rgb, np.asarray(points, np.float64).reshape(5, 2), template) for points in landmarks]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -33,12 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from torchvision.datasets import ImageFolder
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from pipeline.config import TrainConfig
@@ -95,17 +96,18 @@ class ChipDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path = self.paths[index]
         try:
-            chip = decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as error:
+            with Image.open(path) as image:
+                chip = torch.from_numpy(np.array(image.convert("RGB")))
+        except OSError as error:
             raise FacemineError(f"cannot read chip {path}: {error}") from error
-        if chip.shape[1:] != (self.size, self.size):
+        if chip.shape[:2] != (self.size, self.size):
             raise FacemineError(
-                f"chip {path} is {chip.shape[2]}x{chip.shape[1]}, the model needs {self.size}x{self.size}: "
+                f"chip {path} is {chip.shape[1]}x{chip.shape[0]}, the model needs {self.size}x{self.size}: "
                 "export the dataset aligned for this model"
             )
         if self.transform is not None:
-            chip = self.transform(chip)
-        return chip.permute(1, 2, 0), self.labels[index]
+            chip = self.transform(chip.permute(2, 0, 1)).permute(1, 2, 0)  # transforms work on (C, H, W)
+        return chip, self.labels[index]
 
 
 def face_augmentation(config: TrainConfig, size: int) -> v2.Transform:
@@ -228,6 +230,14 @@ class DistributedContext:
         if self.world_size > 1:
             dist.barrier()
 
+    def sum(self, values: list[float]) -> list[float]:
+        """Elementwise sum over all processes."""
+        if self.world_size == 1:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return total.tolist()
+
 
 def init_distributed(device: torch.device) -> DistributedContext:
     """One process per GPU under torchrun (WORLD_SIZE > 1), else the single given device."""
@@ -251,6 +261,27 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 @dataclass
+class _TrainingData:
+    dataset: ChipDataset  # augmented chips with integer labels
+    class_names: list[str]
+    batch_size: int  # per process
+    steps_per_epoch: int
+    digest: str  # sha256 of the (path, label) list: a resumed run must see the same data
+
+    @classmethod
+    def build(cls, samples: str | Path | Samples, size: int, config: TrainConfig, context: DistributedContext) -> _TrainingData:
+        pairs = [(str(path), str(label)) for path, label in read_samples(samples)]
+        class_names, labels = np.unique([label for _, label in pairs], return_inverse=True)
+        dataset = ChipDataset([Path(path) for path, _ in pairs], labels.tolist(), size, face_augmentation(config, size))
+        batch_size = min(config.batch_size, len(dataset) // context.world_size)
+        if batch_size < 2:
+            raise FacemineError(f"too few training chips ({len(dataset)}) for a batch of at least 2 per process")
+        steps_per_epoch = len(_train_loader(dataset, batch_size, config, context, epoch=0))
+        digest = hashlib.sha256("\n".join(f"{path}\t{label}" for path, label in pairs).encode()).hexdigest()
+        return cls(dataset, class_names.tolist(), batch_size, steps_per_epoch, digest)
+
+
+@dataclass
 class _Run:
     """Everything one training run updates, and what its state file holds."""
 
@@ -264,6 +295,45 @@ class _Run:
     epoch: int = 0
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     baseline: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def start(cls, embedder: Embedder, data: _TrainingData, config: TrainConfig, context: DistributedContext) -> _Run:
+        torch.manual_seed(config.seed)  # head initialisation
+        work = _working_copy(embedder, config, context.device)
+        head = MarginSoftmaxHead(
+            embedding_dim=embedder.preprocessing.embedding_dim,
+            num_classes=len(data.class_names),
+            loss=config.loss,
+            margin=config.margin,
+            scale=config.scale,
+            sub_centers=config.sub_centers,
+            partial_fraction=config.partial_fc_fraction,
+            label_smoothing=config.label_smoothing,
+        ).to(context.device)
+        trainable = [parameter for parameter in work.module.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.SGD(
+            trainable + list(head.parameters()),
+            lr=scaled_learning_rate(config, data.batch_size * context.world_size),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        total_steps = config.epochs * data.steps_per_epoch
+        warmup_steps = min(round(config.warmup_epochs * data.steps_per_epoch), total_steps - 1)
+        amp_dtype = autocast_dtype(context.device, config.mixed_precision)
+        return cls(
+            embedder=work,
+            head=head,
+            optimizer=optimizer,
+            scheduler=warmup_cosine_schedule(optimizer, warmup_steps, total_steps),
+            # Loss scaling only for fp16: bf16 and float32 have float32's exponent range.
+            scaler=torch.amp.GradScaler(context.device.type, enabled=amp_dtype == torch.float16),
+            amp_dtype=amp_dtype,
+            fingerprint={
+                "config": config.model_dump(exclude={"num_workers"}),
+                "base_weights_hash": embedder.weights_hash,
+                "data": data.digest,
+            },
+        )
 
     def state_dict(self) -> dict:
         return {
@@ -312,7 +382,8 @@ def train_embedder(
     `samples`/`val_samples`: ImageFolder roots or (chip path, label) lists of chips aligned for
     this embedder. Validation labels need not be training identities. `embedder` is left
     untouched; the trained model is written to `out_dir/embedder.pt` (a facemine checkpoint).
-    `progress` gets each epoch's history entry after its state is saved.
+    With `resume`, a run whose state is in `out_dir` continues after its last finished epoch.
+    `progress` gets each epoch's history entry after that epoch's state is saved.
     """
     context = init_distributed(embedder.device)
     try:
@@ -332,53 +403,10 @@ def _train(
     progress: ProgressCallback | None,
     context: DistributedContext,
 ) -> TrainResult:
-    train_samples = read_samples(samples)
-    class_names, train_labels = np.unique([str(label) for _, label in train_samples], return_inverse=True)
     size = embedder.preprocessing.input_size
-    train_set = ChipDataset([path for path, _ in train_samples], train_labels.tolist(), size, face_augmentation(config, size))
-    batch_size = min(config.batch_size, len(train_set) // context.world_size)
-    if batch_size < 2:
-        raise FacemineError(f"too few training chips ({len(train_set)}) for a batch of at least 2 per process")
-    steps_per_epoch = len(_train_loader(train_set, batch_size, config, context, epoch=0))
-
-    torch.manual_seed(config.seed)
-    work = _working_copy(embedder, config, context.device)
-    head = MarginSoftmaxHead(
-        embedding_dim=embedder.preprocessing.embedding_dim,
-        num_classes=len(class_names),
-        loss=config.loss,
-        margin=config.margin,
-        scale=config.scale,
-        sub_centers=config.sub_centers,
-        partial_fraction=config.partial_fc_fraction,
-        label_smoothing=config.label_smoothing,
-    ).to(context.device)
-    trainable = [parameter for parameter in work.module.parameters() if parameter.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.SGD(
-        trainable,
-        lr=scaled_learning_rate(config, batch_size * context.world_size),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    total_steps = config.epochs * steps_per_epoch
-    amp_dtype = autocast_dtype(context.device, config.mixed_precision)
-    run = _Run(
-        embedder=work,
-        head=head,
-        optimizer=optimizer,
-        scheduler=warmup_cosine_schedule(optimizer, min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1), total_steps),
-        # Loss scaling only for fp16: bf16 and float32 have float32's exponent range.
-        scaler=torch.amp.GradScaler(context.device.type, enabled=amp_dtype == torch.float16),
-        amp_dtype=amp_dtype,
-        fingerprint={
-            "config": config.model_dump(exclude={"num_workers"}),
-            "base_weights_hash": embedder.weights_hash,
-            "classes": class_names.tolist(),
-            "train_chips": [str(path) for path, _ in train_samples],
-        },
-    )
+    data = _TrainingData.build(samples, size, config, context)
+    run = _Run.start(embedder, data, config, context)
     validation = _Validation.build(read_samples(val_samples) if val_samples else [], size, config)
-
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE
     if resume and state_path.is_file():
@@ -386,16 +414,18 @@ def _train(
         logger.info("resuming %s after epoch %d", out_dir, run.epoch)
     else:
         if config.imprint_centers and config.base_model != "fresh":
-            head.imprint(_class_means(run, train_set, len(class_names), batch_size, config))
-        run.baseline = validation.metrics(run, batch_size, config) if context.is_main else {}
+            run.head.imprint(_class_means(run, data, config))
+        run.baseline = validation.metrics(run, data.batch_size, config) if context.is_main else {}
 
-    backbone, head_step = _parallel(work.module, context), _parallel(head, context)
+    backbone, head = _parallel(run.embedder.module, context), _parallel(run.head, context)
     while run.epoch < config.epochs:
+        # Augmentation and Partial FC draw from torch's generator: reseeding per epoch makes
+        # a resumed run repeat exactly what an unbroken one does.
         torch.manual_seed(epoch_seed(config.seed, run.epoch, context.rank))
-        loader = _train_loader(train_set, batch_size, config, context, run.epoch)
-        entry = {"epoch": run.epoch + 1, **_train_epoch(run, backbone, head_step, loader, config)}
+        loader = _train_loader(data.dataset, data.batch_size, config, context, run.epoch)
+        entry = {"epoch": run.epoch + 1, **_train_epoch(run, backbone, head, loader, config, context)}
         if context.is_main:
-            entry |= validation.metrics(run, batch_size, config)
+            entry |= validation.metrics(run, data.batch_size, config)
         run.epoch += 1
         run.history.append(entry)
         logger.info("epoch %s", entry)
@@ -408,8 +438,8 @@ def _train(
     checkpoint_path = out_dir / CHECKPOINT_FILE
     if context.is_main:
         extra = {"train_config": config.model_dump(), "history": run.history, "baseline": run.baseline,
-                 "num_classes": len(class_names), "num_train_chips": len(train_set)}
-        save_checkpoint(work, checkpoint_path, extra)
+                 "num_classes": len(data.class_names), "num_train_chips": len(data.dataset)}
+        save_checkpoint(run.embedder, checkpoint_path, extra)
     context.barrier()
     return TrainResult(checkpoint_path, run.history, run.baseline, _best_epoch(run.history))
 
@@ -454,7 +484,9 @@ def _eval_loader(dataset: Dataset, batch_size: int, config: TrainConfig) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=config.num_workers)
 
 
-def _train_epoch(run: _Run, backbone: nn.Module, head: nn.Module, loader: DataLoader, config: TrainConfig) -> dict[str, float]:
+def _train_epoch(
+    run: _Run, backbone: nn.Module, head: nn.Module, loader: DataLoader, config: TrainConfig, context: DistributedContext
+) -> dict[str, float]:
     train_unfrozen(backbone)
     head.train()
     trainable = [parameter for group in run.optimizer.param_groups for parameter in group["params"]]
@@ -475,6 +507,7 @@ def _train_epoch(run: _Run, backbone: nn.Module, head: nn.Module, loader: DataLo
         correct += int((output.cosine.argmax(dim=1) == output.targets).sum())
         seen += len(labels)
     seconds = time.perf_counter() - started
+    loss_sum, correct, seen = context.sum([loss_sum, correct, seen])
     return {
         "loss": loss_sum / seen,
         # Among the classes scored in each step (all of them unless Partial FC samples).
@@ -484,19 +517,19 @@ def _train_epoch(run: _Run, backbone: nn.Module, head: nn.Module, loader: DataLo
     }
 
 
-def _class_means(run: _Run, train_set: ChipDataset, num_classes: int, batch_size: int, config: TrainConfig) -> Tensor:
-    """Sum of each class's normalised, unaugmented embeddings: the direction of its mean."""
-    unaugmented = ChipDataset(train_set.paths, train_set.labels, train_set.size)
-    embeddings = torch.from_numpy(embed_dataset(run.embedder, _eval_loader(unaugmented, batch_size, config), run.amp_dtype))
-    labels = torch.tensor(train_set.labels)
-    return torch.zeros(num_classes, embeddings.shape[1]).index_add_(0, labels, embeddings)
+def _class_means(run: _Run, data: _TrainingData, config: TrainConfig) -> Tensor:
+    """Per class, the sum of its unaugmented normalised embeddings: the direction of their mean."""
+    unaugmented = ChipDataset(data.dataset.paths, data.dataset.labels, data.dataset.size)
+    embeddings = embed_dataset(run.embedder, _eval_loader(unaugmented, data.batch_size, config), run.amp_dtype)
+    sums = torch.zeros(len(data.class_names), embeddings.shape[1])
+    return sums.index_add_(0, torch.tensor(data.dataset.labels), torch.from_numpy(embeddings))
 
 
 @dataclass
 class _Validation:
     """Verification pairs over the validation chips, fixed for the whole run."""
 
-    dataset: ChipDataset | None  # only the chips some pair uses
+    dataset: ChipDataset | None  # only the chips some pair uses; None when too few pairs
     index_a: np.ndarray
     index_b: np.ndarray
     same: np.ndarray
@@ -510,7 +543,7 @@ class _Validation:
             return cls(None, index_a, index_b, same)
         used, inverse = np.unique(np.concatenate([index_a, index_b]), return_inverse=True)
         dataset = ChipDataset([samples[index][0] for index in used], [0] * len(used), size)
-        return cls(dataset, inverse[: len(index_a)], inverse[len(index_a):], same)
+        return cls(dataset, inverse[: len(index_a)], inverse[len(index_a) :], same)
 
     def metrics(self, run: _Run, batch_size: int, config: TrainConfig) -> dict[str, float]:
         if self.dataset is None:

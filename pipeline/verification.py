@@ -15,7 +15,7 @@ when the score is >= a threshold.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +57,20 @@ def pair_scores(embeddings_a: np.ndarray, embeddings_b: np.ndarray) -> np.ndarra
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
-    """(threshold, accuracy) maximising accuracy of `score >= threshold`; ties keep the higher threshold."""
+    """(threshold, accuracy) maximising the accuracy of `score >= threshold` on these pairs.
+
+    Among equally accurate cut points the highest wins; the threshold sits midway between the
+    lowest accepted score and the next lower one, so held-out pairs scoring just below the
+    lowest accepted one are not rejected by a hair.
+    """
     same = np.asarray(same, dtype=bool)
     false_accept, true_accept, thresholds = roc_curve(same, scores, drop_intermediate=False)
     positives = same.sum()
     correct = true_accept * positives + (1.0 - false_accept) * (len(same) - positives)
     best = int(np.argmax(correct))
-    return float(thresholds[best]), float(correct[best] / len(same))
+    # thresholds fall from +inf through every distinct score; no score lies between neighbours.
+    threshold = thresholds[best] if best + 1 == len(thresholds) else (thresholds[best] + thresholds[best + 1]) / 2
+    return float(threshold), float(correct[best] / len(same))
 
 
 def cross_validated_accuracy(
@@ -144,26 +151,48 @@ def _check_pairs(scores: np.ndarray, same: np.ndarray) -> None:
 
 def _same_identity_pairs(codes: np.ndarray, max_pairs: int, rng: np.random.Generator) -> np.ndarray:
     n = len(codes)
-    members = np.split(np.argsort(codes, kind="stable"), np.cumsum(np.bincount(codes))[:-1])
-    pair_counts = np.array([len(group) * (len(group) - 1) // 2 for group in members])
+    order = np.argsort(codes, kind="stable")  # members of each identity side by side
+    sizes = np.bincount(codes)
+    starts = np.cumsum(sizes) - sizes
+    pair_counts = sizes * (sizes - 1) // 2
     if pair_counts.sum() <= max_pairs:
-        pairs = [np.triu_indices(len(group), 1) for group in members]
-        return np.concatenate([group[i] * n + group[j] for group, (i, j) in zip(members, pairs)]).astype(np.int64)
-    groups = rng.choice(len(members), size=max_pairs, p=pair_counts / pair_counts.sum())
-    keys = set()
-    for group_index in groups:
-        a, b = rng.choice(members[group_index], size=2, replace=False)
-        keys.add(min(a, b) * n + max(a, b))
-    return rng.permutation(np.fromiter(keys, dtype=np.int64))
+        keys = [np.empty(0, dtype=np.int64)]
+        for start, size in zip(starts, sizes):
+            members = order[start : start + size]
+            first, second = np.triu_indices(size, 1)
+            keys.append(_keys(members[first], members[second], n))
+        return np.concatenate(keys)
+
+    def draw(size: int) -> np.ndarray:
+        # An identity weighted by its pair count, then two of its members: uniform over pairs.
+        identity = rng.choice(len(sizes), size=size, p=pair_counts / pair_counts.sum())
+        first = rng.integers(sizes[identity])
+        second = rng.integers(sizes[identity] - 1)
+        second += second >= first
+        return _keys(order[starts[identity] + first], order[starts[identity] + second], n)
+
+    return _distinct_keys(draw, max_pairs, rng)
 
 
 def _different_identity_pairs(codes: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     n = len(codes)
     available = (n * n - int(np.sum(np.bincount(codes).astype(np.int64) ** 2))) // 2
-    count = min(count, available)
+
+    def draw(size: int) -> np.ndarray:
+        first, second = rng.integers(n, size=(2, size))
+        differ = codes[first] != codes[second]
+        return _keys(first[differ], second[differ], n)
+
+    return _distinct_keys(draw, min(count, available), rng)
+
+
+def _keys(first: np.ndarray, second: np.ndarray, n: int) -> np.ndarray:
+    return np.minimum(first, second).astype(np.int64) * n + np.maximum(first, second)
+
+
+def _distinct_keys(draw: Callable[[int], np.ndarray], count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct keys out of repeated uniform draws: a uniform random subset."""
     keys = np.empty(0, dtype=np.int64)
     while len(keys) < count:
-        a, b = rng.integers(n, size=(2, 2 * count))
-        differ = codes[a] != codes[b]
-        keys = np.union1d(keys, np.minimum(a, b)[differ] * n + np.maximum(a, b)[differ])
+        keys = np.union1d(keys, draw(2 * count))
     return rng.permutation(keys)[:count]

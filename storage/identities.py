@@ -180,3 +180,16 @@ def identities_summary(store: Store, run_id: int) -> pd.DataFrame:
     meta = identity_rows(store, sizes.identity_id.tolist())
     merged = sizes.merge(meta[["identity_id", "name", "locked", "accepted"]], on="identity_id", how="left")
     return merged.sort_values(["faces", "identity_id"], ascending=[False, True]).reset_index(drop=True)
+
+
+def largest_face_identity(store: Store, run_id: int, paths: list[str]) -> pd.DataFrame:
+    """For each photo path: the identity (NaN if none) of its largest face in the run.
+
+    Photos never ingested or without a face come back with NaN (scored as singletons).
+    """
+    faces = face_table(store)
+    faces = faces[faces.source_path.isin(paths)]
+    largest = faces.sort_values(["face_area", "face_id"], ascending=[False, True]).drop_duplicates("source_path")
+    assigned = largest.merge(assignments(store, run_id)[["face_id", "identity_id"]], on="face_id", how="left")
+    frame = pd.DataFrame({"source_path": paths})
+    return frame.merge(assigned[["source_path", "face_id", "identity_id"]], on="source_path", how="left")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,6 +25,7 @@ from pipeline.config import (
     DetectConfig,
     EmbedConfig,
     ExportConfig,
+    GateConfig,
     IngestConfig,
     QualityConfig,
     TrainConfig,
@@ -42,13 +44,30 @@ class MineConfig(BaseModel):
 
 
 class ServeConfig(BaseModel):
+    """Deployments of `facemine serve`: a cron expression, when set, wins over the interval;
+    with neither, the deployment runs only when launched by hand."""
+
+    # Folders the scheduled `mine-watch` deployment mines (new or changed photos only);
+    # empty: no such deployment.
     watch_folders: list[str] = Field(default_factory=list)
-    watch_subset: str = "watched"
+    watch_subset: str = Field(default="watched", min_length=1, max_length=255)
     mine_cron: str | None = None
     mine_interval_seconds: int | None = Field(default=3600, ge=10)
     cluster_cron: str | None = None
     cluster_interval_seconds: int | None = Field(default=86400, ge=10)
+    # IANA time zone the cron expressions are read in.
+    timezone: str = "UTC"
+    # GPU-heavy tasks (mining, embedding, training) running at once, across all flow runs.
     gpu_concurrency_limit: int = Field(default=1, ge=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(f"unknown time zone {name!r} (use an IANA name such as Europe/Paris)") from error
+        return name
 
 
 class Settings(BaseSettings):
@@ -71,6 +90,7 @@ class Settings(BaseSettings):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @classmethod

@@ -233,6 +233,14 @@ class Store:
             row = session.scalar(select(Model).where(Model.is_current.is_(True)))
             return _model_info(row) if row else None
 
+    def set_current_model(self, model_id: int, reason: str) -> None:
+        """Make `model_id` the embedder every later stage uses; the previous one is retired."""
+        with self.session() as session:
+            for row in session.scalars(select(Model).where(Model.is_current.is_(True))):
+                row.is_current, row.status = False, "retired"
+            row = session.get_one(Model, model_id)
+            row.is_current, row.status, row.gate_reason = True, "current", reason
+
     def model(self, model_id: int) -> ModelInfo:
         with self.session() as session:
             return _model_info(session.get_one(Model, model_id))

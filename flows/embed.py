@@ -1,0 +1,78 @@
+"""Prefect flow `embed`: give every stored face an embedding from one model (incremental).
+
+Used after a model change (the closed loop's promoted model): chips aligned to another
+template are re-cut from the original photos with the stored landmarks; detection is not repeated.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.gpu import gpu_slot
+from flows.runtime import load_embedder, settings_from, settings_payload, store_for
+from pipeline.embed import Embedder
+from pipeline.ingest import ImageRejected
+from pipeline.mining import realign_faces
+from storage.identities import face_table
+from storage.settings import Settings
+from storage.store import ModelInfo, Store
+
+
+def _chips_for(store: Store, settings: Settings, rows, template: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """(face ids, chips) for face rows; faces whose photo can no longer be read are left out."""
+    stored = rows[rows.chip_template == template]
+    ids = stored.face_id.to_numpy().tolist()
+    chips = [store.chips.get(path) for path in stored.chip_path]
+    by_photo: dict[str, list] = defaultdict(list)
+    for row in rows[rows.chip_template != template].itertuples(index=False):
+        by_photo[row.source_path].append(row)
+    for path, faces in by_photo.items():
+        try:
+            cut = realign_faces(path, [face.landmarks for face in faces], template, settings.ingest)
+        except ImageRejected:
+            continue
+        ids.extend(face.face_id for face in faces)
+        chips.extend(cut)
+    return np.asarray(ids, np.int64), (np.stack(chips) if chips else np.zeros((0, 1, 1, 3), np.uint8))
+
+
+def embed_faces(store: Store, settings: Settings, model: ModelInfo, embedder: Embedder, face_ids: list[int]) -> int:
+    """Embed `face_ids` with `embedder` and store them under `model`; returns how many were added."""
+    rows = face_table(store)
+    rows = rows[rows.face_id.isin(face_ids)]
+    ids, chips = _chips_for(store, settings, rows, embedder.preprocessing.template)
+    if len(ids) == 0:
+        return 0
+    vectors = embedder.embed(chips, batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
+    return store.write_embeddings(model, ids, vectors)
+
+
+@task(name="embed-shard")
+def embed_shard(payload: str, model_id: int, face_ids: list[int]) -> int:
+    settings, store = settings_from(payload), store_for(payload)
+    model = store.model(model_id)
+    embedder = load_embedder(model.kind, model.weights_path, settings.embed.device)
+    with gpu_slot():
+        return embed_faces(store, settings, model, embedder, face_ids)
+
+
+@flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def embed(model_id: int | None = None) -> int:
+    """Embed every face that lacks an embedding from `model_id` (default: the current model)."""
+    settings = Settings()
+    payload = settings_payload(settings)
+    store = store_for(payload)
+    model = store.model(model_id) if model_id else store.current_model()
+    if model is None:
+        get_run_logger().info("no model registered yet: nothing to embed")
+        return 0
+    missing = store.faces_without_embedding(model.id)
+    size = settings.mine.shard_size
+    shard_task = embed_shard.with_options(retries=settings.mine.task_retries)
+    futures = [shard_task.submit(payload, model.id, missing[i : i + size]) for i in range(0, len(missing), size)]
+    added = sum(future.result() for future in futures)
+    get_run_logger().info("embedded %d faces with model %s", added, model.name)
+    return added

@@ -1,0 +1,668 @@
+"""Cluster faces into identities.
+
+Public API
+----------
+``CLUSTERERS``: registry ``name -> function(embeddings, graph, config) -> labels``, where
+``embeddings`` is (N, D), ``graph`` the ``pipeline.graph.KnnGraph`` over those rows, ``config``
+a ``ClusterConfig`` and ``labels`` an (N,) int64 array, -1 for noise. Methods:
+
+- ``infomap`` (default): Infomap (map equation) on the k-NN graph, edges below
+  ``min_similarity`` dropped and the rest weighted by ``similarity - min_similarity``.
+- ``components``: connected components of the graph above ``components_min_similarity``.
+- ``hac``: agglomerative clustering (``hac_linkage``, cut at ``hac_distance_threshold``)
+  restricted to k-NN edges so memory stays O(N k).
+- ``dbscan``: DBSCAN over the k-NN graph's cosine distances (``dbscan_eps``, ``dbscan_min_samples``).
+- ``hdbscan``: HDBSCAN on the unit embeddings (``hdbscan_min_cluster_size``, ``hdbscan_min_samples``).
+
+``cluster(embeddings, config) -> labels``: one method over one set of faces (builds the graph).
+
+``cluster_faces(embeddings, photos, subsets, passed, constraints, config, previous) -> ClusterResult``:
+the whole identity step. In order:
+
+1. faces of locked identities (``Constraints.fixed_members``) and excluded faces are set aside;
+2. the remaining quality-passed faces are clustered subset by subset; clusters smaller than
+   ``min_cluster_size`` dissolve;
+3. clusters of different subsets merge when their representatives agree (``merge_*``): mutual
+   best match per subset pair, a margin over the runner-up, and no cannot-link between them;
+4. must-link pairs unite their clusters;
+5. cannot-links (two faces of one photo, human cannot-links) are enforced: of two conflicting
+   faces (or must-linked groups) the one less similar to the cluster centroid leaves;
+6. clusters take over earlier identity keys by face overlap (``match_identities``), locked
+   identities keep theirs; faces rejected from the identity their cluster now carries leave it;
+7. every face still unassigned (low quality, dissolved, displaced) may attach to an unlocked
+   identity whose centroid it is confidently close to (``attach_*``), never against a
+   cannot-link or a rejection.
+
+Confidence in [0, 1] per face: human decisions 1; clustered faces the share of their
+above-floor k-NN edge weight (``similarity - min_similarity``) that stays inside their identity;
+attached faces the same share computed over the best and second-best identity centroids;
+unassigned faces 0.
+
+``identity_centroids(labels, vectors) -> (max label + 1, D)``: unit mean vector per label.
+
+``match_identities(previous, current, min_overlap) -> {label: identity key | None}``: keeps
+identity ids stable across runs (and embedding models) by Hungarian matching on face overlap.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import infomap
+import numpy as np
+from scipy.cluster.hierarchy import DisjointSet
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.cluster import DBSCAN, HDBSCAN, AgglomerativeClustering
+
+from pipeline.config import ClusterConfig
+from pipeline.errors import FacemineError
+from pipeline.graph import MISSING, KnnGraph, build_knn, knn_between, normalize
+
+UNASSIGNED = -1
+
+Clusterer = Callable[[np.ndarray, KnnGraph, ClusterConfig], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# Clusterers: (embeddings, graph, config) -> labels
+# ---------------------------------------------------------------------------------------------
+
+
+def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
+    source, target, similarity = graph.edges(config.min_similarity)
+    weight = similarity - config.min_similarity
+    strong = weight > 0
+    engine = infomap.Infomap(silent=True, two_level=True, seed=config.seed, num_trials=config.infomap_trials)
+    engine.add_nodes(range(len(embeddings)))
+    if strong.any():
+        engine.add_links(np.column_stack([source[strong], target[strong], weight[strong]]))
+    engine.run()
+    modules = engine.get_modules()
+    return np.fromiter((modules[node] for node in range(len(embeddings))), np.int64, len(embeddings))
+
+
+def component_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
+    source, target, _ = graph.edges(config.components_min_similarity)
+    adjacency = coo_matrix((np.ones(len(source)), (source, target)), shape=(len(embeddings),) * 2)
+    return connected_components(adjacency, directed=False)[1].astype(np.int64)
+
+
+def hac_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
+    model = AgglomerativeClustering(
+        n_clusters=None,
+        metric="cosine",
+        linkage=config.hac_linkage,
+        distance_threshold=config.hac_distance_threshold,
+        connectivity=_adjacency(graph),
+    )
+    return model.fit_predict(embeddings).astype(np.int64)
+
+
+def dbscan_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
+    # DBSCAN over precomputed sparse distances sees only k-NN edges: neighbourhoods are
+    # truncated at k, which is what keeps it O(N k) instead of O(N^2).
+    distances = _adjacency(graph, value=lambda similarity: np.maximum(1.0 - similarity, 0.0))
+    model = DBSCAN(eps=config.dbscan_eps, min_samples=config.dbscan_min_samples, metric="precomputed")
+    return model.fit_predict(distances).astype(np.int64)
+
+
+def hdbscan_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
+    # Euclidean distance between unit vectors is a monotone function of cosine distance.
+    model = HDBSCAN(
+        min_cluster_size=config.hdbscan_min_cluster_size,
+        min_samples=config.hdbscan_min_samples,
+        copy=True,
+    )
+    return model.fit_predict(normalize(embeddings)).astype(np.int64)
+
+
+CLUSTERERS: dict[str, Clusterer] = {
+    "infomap": infomap_clusters,
+    "components": component_clusters,
+    "hac": hac_clusters,
+    "dbscan": dbscan_clusters,
+    "hdbscan": hdbscan_clusters,
+}
+
+
+def get_clusterer(name: str) -> Clusterer:
+    if name not in CLUSTERERS:
+        raise FacemineError(f"unknown clustering method '{name}'; choose one of {', '.join(CLUSTERERS)}")
+    return CLUSTERERS[name]
+
+
+def knn_graph(embeddings: np.ndarray, config: ClusterConfig) -> KnnGraph:
+    """The k-NN graph ``cluster`` builds, with the index settings of ``config``."""
+    return build_knn(
+        embeddings,
+        min(config.k, max(len(embeddings) - 1, 1)),
+        exact_max=config.exact_index_max,
+        query_batch=config.query_batch,
+        nprobe=config.ivf_nprobe,
+        device=config.device,
+    )
+
+
+def cluster(embeddings: np.ndarray, config: ClusterConfig = ClusterConfig(), graph: KnnGraph | None = None) -> np.ndarray:
+    """Labels of one set of faces by ``config.method`` (-1 = noise); builds the k-NN graph unless given."""
+    clusterer = get_clusterer(config.method)
+    if len(embeddings) < 2:
+        return np.full(len(embeddings), UNASSIGNED, np.int64)
+    return clusterer(embeddings, graph if graph is not None else knn_graph(embeddings, config), config)
+
+
+def _adjacency(graph: KnnGraph, value: Callable[[np.ndarray], np.ndarray] = np.ones_like) -> csr_matrix:
+    """Symmetric sparse matrix of the graph's edges, entries ``value(similarity)``."""
+    source, target, similarity = graph.edges()
+    entries = value(similarity.astype(np.float64))
+    n = len(graph.indices)
+    rows = np.concatenate([source, target])
+    cols = np.concatenate([target, source])
+    return csr_matrix((np.concatenate([entries, entries]), (rows, cols)), shape=(n, n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Human decisions, as indices into the arrays given to ``cluster_faces``.
+
+    ``fixed_members``: locked identities, identity key -> its faces, kept exactly.
+    ``rejected``: (face, identity key) pairs; that face never ends up in that identity.
+    ``excluded``: faces that are not faces; never assigned.
+    """
+
+    must_link: Sequence[tuple[int, int]] = ()
+    cannot_link: Sequence[tuple[int, int]] = ()
+    fixed_members: Mapping[Hashable, Sequence[int]] = field(default_factory=dict)
+    rejected: Collection[tuple[int, Hashable]] = ()
+    excluded: Collection[int] = ()
+
+
+@dataclass(frozen=True)
+class ClusterResult:
+    """``labels`` (N,) int64, 0..n_identities-1 or -1 unassigned; ``confidence`` (N,) float32 in
+    [0, 1]; ``source`` (N,) str: cluster | attached | decision | unassigned; ``identities``: per
+    label, the earlier or locked identity key it continues, or None for a new identity;
+    ``stats``: counts for the run record."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    source: np.ndarray
+    identities: list[Hashable | None]
+    stats: dict[str, int]
+
+
+def cluster_faces(
+    embeddings: np.ndarray,
+    photos: np.ndarray,
+    subsets: np.ndarray,
+    passed: np.ndarray,
+    constraints: Constraints = Constraints(),
+    config: ClusterConfig = ClusterConfig(),
+    previous: Mapping[int, Hashable] | None = None,
+) -> ClusterResult:
+    """Identities of N faces; see the module docstring for the steps.
+
+    ``photos`` (N,) photo id per face (faces of one photo are never one identity; a photo lies in
+    one subset), ``subsets`` (N,) subset id per face, ``passed`` (N,) bool quality verdict,
+    ``previous`` face index -> identity key of the run being replaced.
+    """
+    get_clusterer(config.method)
+    faces = _Faces.build(embeddings, photos, subsets, passed, constraints)
+    labels, graphs = _cluster_subsets(faces, config)
+    labels = _dissolve_small(labels, config.min_cluster_size)
+    labels, merges = _merge_across_subsets(labels, faces, config)
+    labels = _apply_must_links(labels, faces)
+    labels, conflicts = _enforce_cannot_links(labels, faces, _centroid_similarity(labels, faces.vectors))
+    labels = _dissolve_small(labels, config.min_cluster_size)
+
+    labels, keys = _add_locked_identities(labels, faces)
+    keys.update(_inherited_keys(labels, keys, previous or {}, faces, config.match_min_overlap))
+    labels, rejections = _drop_rejected(labels, keys, faces)
+    confidence = _graph_confidence(labels, graphs, config.min_similarity)
+    source = np.where(labels >= 0, "cluster", "unassigned").astype(object)
+    decided = faces.fixed | (faces.must_linked & (labels >= 0))
+    source[decided], confidence[decided] = "decision", 1.0
+
+    attached, attached_labels, attached_confidence = _attach(labels, keys, faces, config)
+    labels[attached], confidence[attached], source[attached] = attached_labels, attached_confidence, "attached"
+    # Attached faces never displace members: their strength stays below any member's.
+    strength = np.where(source == "attached", confidence - 2.0, 1.0)
+    labels, displaced = _enforce_cannot_links(labels, faces, strength)
+    source[labels < 0], confidence[labels < 0] = "unassigned", 0.0
+
+    final, identities = _consecutive(labels, keys)
+    stats = {
+        "faces": faces.n,
+        "identities": len(identities),
+        **{f"source_{name}": int(np.sum(source == name)) for name in ("cluster", "attached", "decision", "unassigned")},
+        "merged_across_subsets": merges,
+        "removed_for_cannot_link": conflicts + displaced,
+        "removed_for_rejection": rejections,
+    }
+    return ClusterResult(final, confidence.astype(np.float32), source.astype(str), identities, stats)
+
+
+def match_identities(
+    previous: Mapping[Hashable, Hashable],
+    current: Mapping[Hashable, int],
+    min_overlap: float = 0.5,
+) -> dict[int, Hashable | None]:
+    """Which earlier identity each new cluster continues, by face overlap.
+
+    ``previous``: face key -> identity id of the earlier run; ``current``: face key -> new label.
+    New clusters and old identities are paired one-to-one maximising the total number of shared
+    faces (Hungarian algorithm, run per connected block of the overlap graph so it scales), among
+    pairs where at least ``min_overlap`` of the cluster's previously assigned faces came from that
+    identity. Returns every label of ``current``; None means a new identity.
+    """
+    matches: dict[int, Hashable | None] = {label: None for label in set(current.values())}
+    shared = [face for face in current if face in previous]
+    if not shared:
+        return matches
+    new_values, new = np.unique(np.array([current[face] for face in shared]), return_inverse=True)
+    old_values = list(dict.fromkeys(previous[face] for face in shared))
+    position = {identity: index for index, identity in enumerate(old_values)}
+    old = np.array([position[previous[face]] for face in shared])
+    overlap = coo_matrix((np.ones(len(shared)), (new, old)), shape=(len(new_values), len(old_values))).tocsr().tocoo()
+    labelled = np.bincount(overlap.row, weights=overlap.data, minlength=len(new_values))
+    eligible = overlap.data >= min_overlap * labelled[overlap.row]
+    rows, cols, counts = overlap.row[eligible], overlap.col[eligible], overlap.data[eligible]
+    for row, col in _max_overlap_assignment(rows, cols, counts, len(new_values)):
+        matches[int(new_values[row])] = old_values[col]
+    return matches
+
+
+def _max_overlap_assignment(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, n_rows: int) -> list[tuple[int, int]]:
+    """Maximum-weight one-to-one matching, solved block by block of the bipartite overlap graph."""
+    if len(rows) == 0:
+        return []
+    n_nodes = n_rows + int(cols.max()) + 1
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols + n_rows)), shape=(n_nodes, n_nodes))
+    block = connected_components(graph, directed=False)[1][rows]
+    pairs = []
+    for member in np.split(np.argsort(block, kind="stable"), np.cumsum(np.bincount(block))[:-1]):
+        if len(member) == 0:
+            continue
+        block_rows, row_index = np.unique(rows[member], return_inverse=True)
+        block_cols, col_index = np.unique(cols[member], return_inverse=True)
+        weights = np.zeros((len(block_rows), len(block_cols)))
+        weights[row_index, col_index] = counts[member]
+        chosen_rows, chosen_cols = linear_sum_assignment(weights, maximize=True)
+        pairs += [
+            (int(block_rows[r]), int(block_cols[c])) for r, c in zip(chosen_rows, chosen_cols) if weights[r, c] > 0
+        ]
+    return pairs
+
+
+@dataclass(frozen=True)
+class _Faces:
+    """Validated inputs of one ``cluster_faces`` call."""
+
+    vectors: np.ndarray
+    photos: np.ndarray
+    subsets: np.ndarray
+    clusterable: np.ndarray
+    fixed: np.ndarray
+    excluded: np.ndarray
+    must_link: np.ndarray
+    must_linked: np.ndarray
+    cannot_link: np.ndarray
+    # Must-link group of each face (faces without must-links are alone in theirs).
+    units: np.ndarray
+    fixed_members: dict[Hashable, np.ndarray]
+    rejected: frozenset[tuple[int, Hashable]]
+
+    @property
+    def n(self) -> int:
+        return len(self.vectors)
+
+    @classmethod
+    def build(
+        cls, embeddings: np.ndarray, photos: np.ndarray, subsets: np.ndarray, passed: np.ndarray, constraints: Constraints
+    ) -> _Faces:
+        vectors = normalize(embeddings)
+        n = len(vectors)
+        photos, subsets, passed = (np.asarray(array) for array in (photos, subsets, passed))
+        if not photos.shape == subsets.shape == passed.shape == (n,):
+            raise FacemineError(f"photos, subsets and passed must each hold one entry per face ({n})")
+        excluded = _mask(n, constraints.excluded)
+        fixed_members = {key: np.asarray(list(members), np.int64) for key, members in constraints.fixed_members.items()}
+        fixed_faces = np.concatenate([np.zeros(0, np.int64), *fixed_members.values()])
+        _check_indices(fixed_faces, n, "fixed member")
+        if len(np.unique(fixed_faces)) < len(fixed_faces):
+            raise FacemineError("a face is a member of two locked identities")
+        fixed = _mask(n, fixed_faces) & ~excluded
+        fixed_members = {key: members[~excluded[members]] for key, members in fixed_members.items()}
+        must_link = _pairs(constraints.must_link, n, "must-link")
+        cannot_link = _pairs(constraints.cannot_link, n, "cannot-link")
+        # A locked identity's member list is the decision that counts; must-links touching it or
+        # a not-a-face are moot.
+        must_link = must_link[~(fixed | excluded)[must_link].any(axis=1)]
+        units = connected_components(
+            coo_matrix((np.ones(len(must_link)), (must_link[:, 0], must_link[:, 1])), shape=(n, n)), directed=False
+        )[1]
+        contradictory = units[cannot_link[:, 0]] == units[cannot_link[:, 1]]
+        if contradictory.any():
+            a, b = cannot_link[contradictory][0]
+            raise FacemineError(f"contradictory decisions: faces {a} and {b} are both must-linked and cannot-linked")
+        return cls(
+            vectors=vectors,
+            photos=photos,
+            subsets=subsets,
+            clusterable=passed.astype(bool) & ~fixed & ~excluded,
+            fixed=fixed,
+            excluded=excluded,
+            must_link=must_link,
+            must_linked=_mask(n, must_link.ravel()),
+            cannot_link=cannot_link,
+            units=units,
+            fixed_members=fixed_members,
+            rejected=frozenset((int(face), key) for face, key in constraints.rejected),
+        )
+
+
+def _mask(n: int, indices: Collection[int] | np.ndarray) -> np.ndarray:
+    chosen = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices, np.int64)
+    _check_indices(chosen, n, "face")
+    mask = np.zeros(n, bool)
+    mask[chosen] = True
+    return mask
+
+
+def _pairs(pairs: Sequence[tuple[int, int]], n: int, name: str) -> np.ndarray:
+    array = np.asarray(pairs, np.int64).reshape(-1, 2)
+    _check_indices(array, n, name)
+    return array
+
+
+def _check_indices(indices: np.ndarray, n: int, name: str) -> None:
+    if indices.size and (indices.min() < 0 or indices.max() >= n):
+        raise FacemineError(f"{name} index out of range for {n} faces")
+
+
+def _cluster_subsets(faces: _Faces, config: ClusterConfig) -> tuple[np.ndarray, list[tuple[np.ndarray, KnnGraph]]]:
+    """Cluster the clusterable faces of each subset on their own graph; labels are global."""
+    labels = np.full(faces.n, UNASSIGNED, np.int64)
+    graphs = []
+    for subset in np.unique(faces.subsets[faces.clusterable]):
+        members = np.flatnonzero(faces.clusterable & (faces.subsets == subset))
+        if len(members) < 2:
+            continue
+        graph = knn_graph(faces.vectors[members], config)
+        subset_labels = cluster(faces.vectors[members], config, graph)
+        labels[members] = np.where(subset_labels >= 0, subset_labels + labels.max() + 1, UNASSIGNED)
+        graphs.append((members, graph))
+    return labels, graphs
+
+
+def _dissolve_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    sizes = np.bincount(labels[labels >= 0])
+    small = (labels >= 0) & (sizes[np.maximum(labels, 0)] < min_size)
+    return np.where(small, UNASSIGNED, labels)
+
+
+def identity_centroids(labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """(max label + 1, D) unit mean of the unit ``vectors`` of each label >= 0 (zero rows for unused labels)."""
+    assigned = labels >= 0
+    sums = np.zeros((labels.max(initial=-1) + 1, vectors.shape[1]), np.float64)
+    np.add.at(sums, labels[assigned], vectors[assigned])
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def _centroid_similarity(labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Each assigned face's cosine similarity to its cluster centroid; -1 when unassigned."""
+    centroids = identity_centroids(labels, vectors)
+    similarity = np.full(len(labels), -1.0, np.float32)
+    assigned = labels >= 0
+    similarity[assigned] = np.einsum("ij,ij->i", vectors[assigned], centroids[labels[assigned]])
+    return similarity
+
+
+def _merge_across_subsets(labels: np.ndarray, faces: _Faces, config: ClusterConfig) -> tuple[np.ndarray, int]:
+    """Merge clusters of different subsets that show the same person; returns labels and merge count."""
+    clustered = np.flatnonzero(labels >= 0)
+    cluster_ids, first, compact = np.unique(labels[clustered], return_index=True, return_inverse=True)
+    cluster_subsets = faces.subsets[clustered[first]]
+    if len(np.unique(cluster_subsets)) < 2:
+        return labels, 0
+    vectors = faces.vectors[clustered]
+    centroids = identity_centroids(compact, vectors)
+    candidates = knn_between(centroids, centroids, min(config.k, len(cluster_ids)), device=config.device)
+    pairs = _cross_subset_pairs(candidates, cluster_subsets)
+    representatives = _representatives(compact, vectors, centroids, config.merge_representatives)
+    score = _representative_agreement(pairs, representatives, vectors)
+    accepted = _mutual_best(pairs, score, cluster_subsets, config.merge_min_similarity, config.merge_margin)
+    groups = _union_without_conflicts(pairs[accepted], score[accepted], compact, clustered, faces, len(cluster_ids))
+    merged = labels.copy()
+    merged[clustered] = cluster_ids[groups[compact]]
+    return merged, len(cluster_ids) - len(np.unique(groups))
+
+
+def _cross_subset_pairs(candidates: KnnGraph, cluster_subsets: np.ndarray) -> np.ndarray:
+    """Unique (a, b), a < b, candidate pairs of clusters from different subsets."""
+    n, k = candidates.indices.shape
+    source = np.repeat(np.arange(n), k)
+    target = candidates.indices.ravel()
+    valid = (target != MISSING) & (cluster_subsets[source] != cluster_subsets[np.maximum(target, 0)])
+    pairs = np.sort(np.stack([source[valid], target[valid]], axis=1), axis=1)
+    return np.unique(pairs, axis=0)
+
+
+def _representatives(compact: np.ndarray, vectors: np.ndarray, centroids: np.ndarray, count: int) -> np.ndarray:
+    """(clusters, count) row indices of each cluster's members closest to its centroid, -1 padded."""
+    closeness = np.einsum("ij,ij->i", vectors, centroids[compact])
+    order = np.lexsort((-closeness, compact))
+    starts = np.searchsorted(compact[order], np.arange(len(centroids)))
+    rank = np.arange(len(order)) - starts[compact[order]]
+    chosen = rank < count
+    representatives = np.full((len(centroids), count), MISSING, np.int64)
+    representatives[compact[order][chosen], rank[chosen]] = order[chosen]
+    return representatives
+
+
+def _representative_agreement(
+    pairs: np.ndarray, representatives: np.ndarray, vectors: np.ndarray, chunk: int = 4096
+) -> np.ndarray:
+    """Per cluster pair: median, over the representatives of both, of each one's best match on the other side.
+
+    A median over several representatives needs most of them to agree, so one look-alike face
+    (or one mislabelled member) neither makes nor breaks a merge the way one centroid could.
+    """
+    padded = np.vstack([vectors, np.full((1, vectors.shape[1]), np.nan, vectors.dtype)])
+    scores = np.empty(len(pairs), np.float32)
+    for start in range(0, len(pairs), chunk):
+        a, b = representatives[pairs[start:start + chunk, 0]], representatives[pairs[start:start + chunk, 1]]
+        # Missing representatives (index -1) pick the NaN row and drop out of max and median.
+        similarity = np.nan_to_num(np.einsum("prd,pqd->prq", padded[a], padded[b]), nan=-np.inf)
+        best = np.concatenate([similarity.max(axis=2), similarity.max(axis=1)], axis=1)
+        best[np.isinf(best)] = np.nan
+        scores[start:start + chunk] = np.nanmedian(best, axis=1)
+    return scores
+
+
+def _mutual_best(
+    pairs: np.ndarray, score: np.ndarray, cluster_subsets: np.ndarray, min_similarity: float, margin: float
+) -> np.ndarray:
+    """Pairs that clear ``min_similarity`` and are each other's best match in the other's subset by ``margin``."""
+    source = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    target_subset = cluster_subsets[np.concatenate([pairs[:, 1], pairs[:, 0]])]
+    directed_score = np.concatenate([score, score])
+    # Sort the candidates of each (cluster, other subset) group by decreasing score.
+    order = np.lexsort((-directed_score, target_subset, source))
+    group_source, group_subset, ranked = source[order], target_subset[order], directed_score[order]
+    starts_group = np.r_[True, (group_source[1:] != group_source[:-1]) | (group_subset[1:] != group_subset[:-1])]
+    next_in_group = np.r_[~starts_group[1:], False]
+    runner_up = np.where(next_in_group, np.r_[ranked[1:], -np.inf], -np.inf)
+    best_with_margin = np.empty(len(order), bool)
+    best_with_margin[order] = starts_group & (ranked - runner_up >= margin)
+    return (score >= min_similarity) & best_with_margin[: len(pairs)] & best_with_margin[len(pairs):]
+
+
+def _union_without_conflicts(
+    pairs: np.ndarray, score: np.ndarray, compact: np.ndarray, clustered: np.ndarray, faces: _Faces, n_clusters: int
+) -> np.ndarray:
+    """Group id per cluster after uniting accepted pairs, strongest first, skipping cannot-linked groups."""
+    cluster_of_face = np.full(faces.n, MISSING, np.int64)
+    cluster_of_face[clustered] = compact
+    linked = cluster_of_face[faces.cannot_link]
+    linked = linked[(linked >= 0).all(axis=1) & (linked[:, 0] != linked[:, 1])]
+    conflicts: dict[int, set[int]] = {}
+    for a, b in linked:
+        conflicts.setdefault(int(a), set()).add(int(b))
+        conflicts.setdefault(int(b), set()).add(int(a))
+    groups = DisjointSet(range(n_clusters))
+    for index in np.argsort(-score, kind="stable"):
+        a, b = (int(value) for value in pairs[index])
+        if not any(groups.connected(other, b) for member in groups.subset(a) for other in conflicts.get(member, ())):
+            groups.merge(a, b)
+    return np.array([groups[cluster] for cluster in range(n_clusters)], np.int64)
+
+
+def _apply_must_links(labels: np.ndarray, faces: _Faces) -> np.ndarray:
+    """Unite the clusters of must-linked faces; unassigned must-linked faces join (or form) them."""
+    if len(faces.must_link) == 0:
+        return labels
+    assigned = np.flatnonzero(labels >= 0)
+    n_nodes = faces.n + labels.max(initial=-1) + 1
+    # Faces are nodes 0..n-1 and each cluster one node after them, so membership is an edge too.
+    rows = np.concatenate([faces.must_link[:, 0], assigned])
+    cols = np.concatenate([faces.must_link[:, 1], faces.n + labels[assigned]])
+    component = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_nodes, n_nodes)), directed=False)[1]
+    face_component = component[: faces.n]
+    faces_in_component = np.bincount(face_component)
+    return np.where((labels >= 0) | (faces_in_component[face_component] >= 2), face_component, UNASSIGNED)
+
+
+def _enforce_cannot_links(labels: np.ndarray, faces: _Faces, strength: np.ndarray) -> tuple[np.ndarray, int]:
+    """Remove from each cluster the weaker side of every cannot-link inside it; returns labels and faces removed.
+
+    Must-linked groups move as one (their mean strength counts); locked members are never touched.
+    Greedy by decreasing strength: a group stays unless it conflicts with a group already kept.
+    """
+    pairs = _conflicting_pairs(labels, faces)
+    units = faces.units[pairs]
+    units = units[units[:, 0] != units[:, 1]]
+    if len(units) == 0:
+        return labels, 0
+    unit_strength = np.bincount(faces.units, weights=strength) / np.bincount(faces.units)
+    partners: dict[int, set[int]] = {}
+    for a, b in units:
+        partners.setdefault(int(a), set()).add(int(b))
+        partners.setdefault(int(b), set()).add(int(a))
+    kept: set[int] = set()
+    removed = []
+    for unit in sorted(partners, key=lambda unit: -unit_strength[unit]):
+        if partners[unit] & kept:
+            removed.append(unit)
+        else:
+            kept.add(unit)
+    leaving = np.isin(faces.units, removed) & (labels >= 0)
+    return np.where(leaving, UNASSIGNED, labels), int(leaving.sum())
+
+
+def _conflicting_pairs(labels: np.ndarray, faces: _Faces) -> np.ndarray:
+    """(M, 2) cannot-linked face pairs sharing a cluster: same photo, or a human cannot-link."""
+    candidates = np.flatnonzero((labels >= 0) & ~faces.fixed)
+    order = candidates[np.lexsort((faces.photos[candidates], labels[candidates]))]
+    key = np.stack([labels[order], faces.photos[order]], axis=1)
+    boundaries = np.flatnonzero(np.any(key[1:] != key[:-1], axis=1)) + 1
+    same_photo = [
+        (int(a), int(b))
+        for group in np.split(order, boundaries)
+        if len(group) > 1
+        for position, a in enumerate(group)
+        for b in group[position + 1:]
+    ]
+    human = faces.cannot_link[
+        (labels[faces.cannot_link[:, 0]] >= 0) & (labels[faces.cannot_link[:, 0]] == labels[faces.cannot_link[:, 1]])
+    ]
+    return np.concatenate([np.asarray(same_photo, np.int64).reshape(-1, 2), human])
+
+
+def _add_locked_identities(labels: np.ndarray, faces: _Faces) -> tuple[np.ndarray, dict[int, Hashable | None]]:
+    """Give each locked identity a label of its own; returns labels and label -> identity key."""
+    labels = labels.copy()
+    keys: dict[int, Hashable | None] = {}
+    next_label = labels.max(initial=-1) + 1
+    for key, members in faces.fixed_members.items():
+        labels[members] = next_label
+        keys[next_label] = key
+        next_label += 1
+    return labels, keys
+
+
+def _inherited_keys(
+    labels: np.ndarray, keys: Mapping[int, Hashable | None], previous: Mapping[int, Hashable], faces: _Faces, min_overlap: float
+) -> dict[int, Hashable | None]:
+    """Earlier identity key (or None) for every unlocked label, by face overlap."""
+    locked_keys = set(keys.values())
+    earlier = {face: key for face, key in previous.items() if key not in locked_keys}
+    current = {int(face): int(labels[face]) for face in np.flatnonzero((labels >= 0) & ~faces.fixed)}
+    return match_identities(earlier, current, min_overlap)
+
+
+def _drop_rejected(labels: np.ndarray, keys: Mapping[int, Hashable | None], faces: _Faces) -> tuple[np.ndarray, int]:
+    """Unassign faces that now sit in an identity a human rejected them from."""
+    rejected = [
+        face for face, key in faces.rejected
+        if labels[face] >= 0 and not faces.fixed[face] and keys.get(int(labels[face])) == key
+    ]
+    labels = labels.copy()
+    labels[rejected] = UNASSIGNED
+    return labels, len(rejected)
+
+
+def _graph_confidence(labels: np.ndarray, graphs: list[tuple[np.ndarray, KnnGraph]], floor: float) -> np.ndarray:
+    """Share of each face's above-floor k-NN edge weight that stays in its own identity (0 when unassigned)."""
+    confidence = np.zeros(len(labels), np.float64)
+    for members, graph in graphs:
+        neighbours = np.where(graph.indices == MISSING, MISSING, members[np.maximum(graph.indices, 0)])
+        weight = np.maximum(graph.similarities - floor, 0.0)
+        own = labels[members]
+        same = (neighbours != MISSING) & (labels[np.maximum(neighbours, 0)] == own[:, None]) & (own[:, None] >= 0)
+        total = weight.sum(axis=1)
+        confidence[members] = np.divide((weight * same).sum(axis=1), total, out=np.zeros_like(total, np.float64), where=total > 0)
+    confidence[labels < 0] = 0.0
+    return confidence
+
+
+def _attach(
+    labels: np.ndarray, keys: Mapping[int, Hashable | None], faces: _Faces, config: ClusterConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unassigned faces confidently close to one unlocked identity: (faces, their labels, confidence)."""
+    single = np.bincount(faces.units)[faces.units] == 1
+    candidates = np.flatnonzero((labels < 0) & ~faces.excluded & ~faces.fixed & single)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64))
+    if len(candidates) == 0 or labels.max(initial=-1) < 0:
+        return empty
+    assigned = labels >= 0
+    used, compact = np.unique(labels[assigned], return_inverse=True)
+    nearest = knn_between(faces.vectors[candidates], identity_centroids(compact, faces.vectors[assigned]), 2, device=config.device)
+    best, runner_up = nearest.similarities[:, 0], nearest.similarities[:, 1]
+    best_label = used[nearest.indices[:, 0]]
+    locked = np.isin(best_label, labels[faces.fixed])
+    rejected = np.array([(int(face), keys.get(int(label))) in faces.rejected for face, label in zip(candidates, best_label)], bool)
+    confident = (best >= config.attach_min_similarity) & (best - runner_up >= config.attach_margin) & ~locked & ~rejected
+    floor = config.min_similarity
+    own, other = best[confident] - floor, np.maximum(runner_up[confident] - floor, 0.0)
+    return candidates[confident], best_label[confident], own / (own + other)
+
+
+def _consecutive(labels: np.ndarray, keys: Mapping[int, Hashable | None]) -> tuple[np.ndarray, list[Hashable | None]]:
+    """Labels renumbered 0..m-1 in order of first appearance, with each new label's identity key."""
+    used, first, inverse = np.unique(labels[labels >= 0], return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    final = np.full(len(labels), UNASSIGNED, np.int64)
+    final[labels >= 0] = rank[inverse]
+    identities: list[Hashable | None] = [None] * len(used)
+    for label, position in zip(used, rank):
+        identities[position] = keys.get(int(label))
+    return final, identities

@@ -1,0 +1,411 @@
+"""Review decisions: an append-only log, the constraints each implies, and its edits of the current labelling.
+
+One decision = one transaction that
+- appends a `Decision` row (who, when, action, why, and a payload holding the before-state needed to undo),
+- inserts the `Constraint` rows it implies, deactivating the earlier ones it contradicts,
+- edits the current clustering run's `Assignment` rows in place (source "decision") and `Identity` rows.
+
+What an action means (which faces go where) is decided by `labeling.actions`; this module only
+persists a `LabelEdit` and undoes one. `load_review_state` turns the active constraints into the
+`pipeline.identities.ReviewState` every clustering run obeys.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from pipeline.errors import FacemineError
+from pipeline.identities import ReviewState
+from storage.schema import Assignment, Constraint, Decision, Identity
+from storage.store import Store
+
+MEMBER, REJECT, NOT_A_FACE, MUST_LINK, CANNOT_LINK = "member", "reject", "not_a_face", "must_link", "cannot_link"
+CONSTRAINT_KINDS = (MEMBER, REJECT, NOT_A_FACE, MUST_LINK, CANNOT_LINK)
+IDENTITY_FIELDS = ("name", "locked", "accepted", "status", "merged_into")
+# Identities that must never be reused by clustering: merged away, or created by an undone split.
+RETIRED_STATUSES = ("merged", "retired")
+UNDO = "undo"
+# Stay far below every database's limit on bound parameters per statement.
+_CHUNK = 5000
+
+
+@dataclass(frozen=True)
+class NewConstraint:
+    """A constraint to add; a negative `identity` names the k-th identity the decision creates (-1: first)."""
+
+    kind: str
+    face_a: int
+    face_b: int | None = None
+    identity: int | None = None
+
+
+@dataclass
+class LabelEdit:
+    """One decision's effect. Negative identity ids in `assign`, `constraints` and `identity_fields`
+    name the identities the decision creates (-1 .. -create_identities)."""
+
+    assign: dict[int, int | None] = field(default_factory=dict)  # face -> identity, None: unassigned
+    identity_fields: dict[int, dict[str, object]] = field(default_factory=dict)
+    constraints: list[NewConstraint] = field(default_factory=list)
+    create_identities: int = 0
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    id: int
+    at: datetime
+    who: str
+    action: str
+    why: str | None
+    summary: str
+    undone_by: int | None
+    created_identities: tuple[int, ...] = ()
+    # For an undo: the decision it reverted.
+    undid: int | None = None
+
+
+def _chunks(values: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+def _record(row: Decision) -> DecisionRecord:
+    return DecisionRecord(
+        id=row.id,
+        at=row.at,
+        who=row.who,
+        action=row.action,
+        why=row.why,
+        summary=str(row.payload.get("summary", "")),
+        undone_by=row.undone_by,
+        created_identities=tuple(row.payload.get("before", {}).get("created_identities", [])),
+        undid=row.payload.get("undone"),
+    )
+
+
+# ---- reading the current labelling ---------------------------------------------------------
+
+
+def identity_faces(store: Store, run_id: int, identity_id: int) -> list[int]:
+    """Faces of `identity_id` in run `run_id`, by face id."""
+    with store.session() as session:
+        return list(
+            session.scalars(
+                select(Assignment.face_id)
+                .where(Assignment.run_id == run_id, Assignment.identity_id == identity_id)
+                .order_by(Assignment.face_id)
+            )
+        )
+
+
+def face_identities(store: Store, run_id: int, face_ids: Iterable[int]) -> dict[int, int | None]:
+    """Identity of each face in run `run_id` (None: unassigned); faces not in the run are absent."""
+    found: dict[int, int | None] = {}
+    with store.session() as session:
+        for chunk in _chunks(sorted(set(face_ids))):
+            rows = session.execute(
+                select(Assignment.face_id, Assignment.identity_id).where(
+                    Assignment.run_id == run_id, Assignment.face_id.in_(chunk)
+                )
+            ).all()
+            found.update({face: identity for face, identity in rows})
+    return found
+
+
+# ---- writing one decision ------------------------------------------------------------------
+
+
+def _superseded(session: Session, constraints: list[NewConstraint]) -> list[int]:
+    """Active constraints a new set contradicts: a face has one membership at a time, joining an
+    identity lifts its rejection from it and any not-a-face mark, a rejection or a not-a-face mark
+    ends the matching membership."""
+    by_face: dict[int, list[NewConstraint]] = {}
+    for new in constraints:
+        if new.kind in (MEMBER, REJECT, NOT_A_FACE):
+            by_face.setdefault(new.face_a, []).append(new)
+    ids: list[int] = []
+    for chunk in _chunks(sorted(by_face)):
+        rows = session.execute(
+            select(Constraint.id, Constraint.kind, Constraint.face_a, Constraint.identity_id).where(
+                Constraint.active.is_(True),
+                Constraint.face_a.in_(chunk),
+                Constraint.kind.in_((MEMBER, REJECT, NOT_A_FACE)),
+            )
+        ).all()
+        for constraint_id, kind, face, identity in rows:
+            for new in by_face[face]:
+                if (
+                    (new.kind == MEMBER and (kind in (MEMBER, NOT_A_FACE) or (kind == REJECT and identity == new.identity)))
+                    or (new.kind == REJECT and kind == MEMBER and identity == new.identity)
+                    or (new.kind == NOT_A_FACE and kind == MEMBER)
+                ):
+                    ids.append(constraint_id)
+                    break
+    return ids
+
+
+def _assignment_before(session: Session, run_id: int, faces: list[int]) -> list[list]:
+    before = []
+    for chunk in _chunks(faces):
+        rows = session.execute(
+            select(Assignment.face_id, Assignment.identity_id, Assignment.confidence, Assignment.source).where(
+                Assignment.run_id == run_id, Assignment.face_id.in_(chunk)
+            )
+        ).all()
+        before.extend([face, identity, confidence, source] for face, identity, confidence, source in rows)
+    missing = set(faces) - {row[0] for row in before}
+    if missing:
+        raise FacemineError(f"face {min(missing)} is not in clustering run {run_id}")
+    return before
+
+
+def _identity_before(session: Session, fields: dict[int, dict[str, object]]) -> list[list]:
+    before = []
+    for identity_id, changes in fields.items():
+        row = session.get(Identity, identity_id)
+        if row is None:
+            raise FacemineError(f"identity {identity_id} does not exist")
+        before.append([identity_id, {name: getattr(row, name) for name in changes}])
+    return before
+
+
+def apply_decision(
+    store: Store,
+    run_id: int,
+    who: str,
+    action: str,
+    why: str | None,
+    summary: str,
+    edit: LabelEdit,
+    details: dict | None = None,
+) -> DecisionRecord:
+    """Persist one decision: log row, constraints, assignment and identity edits, all or nothing."""
+    with store.session() as session:
+        created = [Identity() for _ in range(edit.create_identities)]
+        session.add_all(created)
+        session.flush()
+        created_ids = [row.id for row in created]
+
+        def real(identity: int | None) -> int | None:
+            return created_ids[-identity - 1] if identity is not None and identity < 0 else identity
+
+        constraints = [
+            NewConstraint(c.kind, c.face_a, c.face_b, real(c.identity)) for c in edit.constraints
+        ]
+        fields = {real(identity): changes for identity, changes in edit.identity_fields.items()}
+        assign = {face: real(identity) for face, identity in edit.assign.items()}
+        deactivated = _superseded(session, constraints)
+        before = {
+            "assignments": _assignment_before(session, run_id, sorted(assign)),
+            "identities": _identity_before(session, fields),
+            "created_identities": created_ids,
+            "deactivated_constraints": deactivated,
+        }
+        touched_identities = {row[1] for row in before["assignments"] if row[1] is not None}
+        touched_identities |= {i for i in assign.values() if i is not None} | set(fields) | set(created_ids)
+        decision = Decision(
+            who=who,
+            action=action,
+            why=why,
+            payload={
+                "run_id": run_id,
+                "summary": summary,
+                "details": details or {},
+                "faces": sorted(assign),
+                "identities": sorted(touched_identities),
+                "before": before,
+            },
+        )
+        session.add(decision)
+        session.flush()
+        for chunk in _chunks(deactivated):
+            session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=False))
+        if constraints:
+            session.execute(
+                insert(Constraint),
+                [
+                    {
+                        "decision_id": decision.id,
+                        "kind": c.kind,
+                        "face_a": c.face_a,
+                        "face_b": c.face_b,
+                        "identity_id": c.identity,
+                        "active": True,
+                    }
+                    for c in constraints
+                ],
+            )
+        _write_assignments(
+            session,
+            run_id,
+            [[face, identity, 1.0, "decision"] for face, identity in assign.items()],
+        )
+        for identity_id, changes in fields.items():
+            session.execute(update(Identity).where(Identity.id == identity_id).values(**changes))
+        session.flush()
+        return _record(decision)
+
+
+def _write_assignments(session: Session, run_id: int, rows: list[list]) -> None:
+    if rows:
+        session.execute(
+            update(Assignment),
+            [
+                {"run_id": run_id, "face_id": face, "identity_id": identity, "confidence": confidence, "source": source}
+                for face, identity, confidence, source in rows
+            ],
+        )
+
+
+# ---- undo and history ----------------------------------------------------------------------
+
+
+def _undo_target(session: Session, decision_id: int | None) -> Decision:
+    if decision_id is None:
+        target = session.scalar(
+            select(Decision)
+            .where(Decision.undone_by.is_(None), Decision.action != UNDO)
+            .order_by(Decision.id.desc())
+            .limit(1)
+        )
+        if target is None:
+            raise FacemineError("nothing to undo: no decision is in effect")
+        return target
+    target = session.get(Decision, decision_id)
+    if target is None:
+        raise FacemineError(f"decision {decision_id} does not exist")
+    if target.action == UNDO:
+        raise FacemineError(f"decision {decision_id} is itself an undo; redo the action instead")
+    if target.undone_by is not None:
+        raise FacemineError(f"decision {decision_id} was already undone by decision {target.undone_by}")
+    return target
+
+
+def _check_nothing_builds_on(session: Session, target: Decision) -> None:
+    """Refuse to undo a decision whose faces or identities a later decision in effect has touched:
+    restoring the earlier state would silently revert that later decision too."""
+    faces, identities = set(target.payload["faces"]), set(target.payload["identities"])
+    later = session.scalars(
+        select(Decision)
+        .where(Decision.id > target.id, Decision.undone_by.is_(None), Decision.action != UNDO)
+        .order_by(Decision.id)
+    )
+    for row in later:
+        if faces & set(row.payload["faces"]) or identities & set(row.payload["identities"]):
+            raise FacemineError(
+                f"decision {row.id} ({row.action}) builds on decision {target.id}: undo {row.id} first"
+            )
+
+
+def undo_decision(store: Store, current_run_id: int | None, who: str, why: str | None, decision_id: int | None = None) -> DecisionRecord:
+    """Revert a decision (default: the latest one in effect) with a new `undo` decision.
+
+    Its constraints become inactive, the ones it replaced active again, identity fields and the
+    identities it created are restored (created ones are retired). Assignments are restored when
+    the decision was made on the current run; on an older run the next clustering run applies the undo.
+    """
+    with store.session() as session:
+        target = _undo_target(session, decision_id)
+        _check_nothing_builds_on(session, target)
+        before = target.payload["before"]
+        same_run = target.payload["run_id"] == current_run_id
+        undo = Decision(
+            who=who,
+            action=UNDO,
+            why=why,
+            payload={
+                "run_id": current_run_id,
+                "summary": f"undid decision {target.id} ({target.payload['summary']})",
+                "undone": target.id,
+                "assignments_restored": same_run,
+                "faces": [],
+                "identities": [],
+            },
+        )
+        session.add(undo)
+        session.flush()
+        target.undone_by = undo.id
+        session.execute(update(Constraint).where(Constraint.decision_id == target.id).values(active=False))
+        for chunk in _chunks(before["deactivated_constraints"]):
+            session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=True))
+        for identity_id, values in before["identities"]:
+            session.execute(update(Identity).where(Identity.id == identity_id).values(**values))
+        if before["created_identities"]:
+            session.execute(
+                update(Identity).where(Identity.id.in_(before["created_identities"])).values(status="retired")
+            )
+        if same_run:
+            _write_assignments(session, current_run_id, before["assignments"])
+        session.flush()
+        return _record(undo)
+
+
+def history(store: Store, limit: int | None = None) -> list[DecisionRecord]:
+    """Decisions, newest first."""
+    query = select(Decision).order_by(Decision.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    with store.session() as session:
+        return [_record(row) for row in session.scalars(query)]
+
+
+def decision_count(store: Store) -> int:
+    with store.session() as session:
+        return session.scalar(select(func.count()).select_from(Decision))
+
+
+# ---- what clustering must obey ----------------------------------------------------------
+
+
+def load_review_state(store: Store) -> ReviewState:
+    """The `ReviewState` implied by the active constraints.
+
+    Constraints naming an identity that was merged away apply to the identity it was merged into.
+    """
+    with store.session() as session:
+        identities = session.execute(
+            select(Identity.id, Identity.status, Identity.merged_into, Identity.locked)
+        ).all()
+        constraints = session.execute(
+            select(Constraint.kind, Constraint.face_a, Constraint.identity_id)
+            .where(Constraint.active.is_(True), Constraint.kind.in_((MEMBER, REJECT, NOT_A_FACE)))
+            .order_by(Constraint.id)
+        ).all()
+    merged_into = {row.id: row.merged_into for row in identities if row.status == "merged" and row.merged_into}
+
+    def survivor(identity: int) -> int:
+        seen = set()
+        while identity in merged_into and identity not in seen:
+            seen.add(identity)
+            identity = merged_into[identity]
+        return identity
+
+    state = ReviewState(
+        locked={row.id for row in identities if row.locked and row.status == "active"},
+        retired={row.id for row in identities if row.status in RETIRED_STATUSES},
+    )
+    for kind, face, identity in constraints:  # in id order: the latest membership of a face wins
+        if kind == MEMBER:
+            state.pinned[face] = survivor(identity)
+        elif kind == REJECT:
+            state.rejected.add((face, survivor(identity)))
+        else:
+            state.excluded.add(face)
+    return state
+
+
+def face_links(store: Store) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(must-link, cannot-link) face-id pairs of active constraints, for clusterers that take them."""
+    with store.session() as session:
+        rows = session.execute(
+            select(Constraint.kind, Constraint.face_a, Constraint.face_b).where(
+                Constraint.active.is_(True), Constraint.kind.in_((MUST_LINK, CANNOT_LINK))
+            )
+        ).all()
+    must = [(a, b) for kind, a, b in rows if kind == MUST_LINK]
+    cannot = [(a, b) for kind, a, b in rows if kind == CANNOT_LINK]
+    return must, cannot

@@ -1,0 +1,91 @@
+"""k-NN graph: exact neighbours, self exclusion, IVF recall, cross-set search (synthetic geometry)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import FacemineError
+from pipeline.graph import MISSING, build_knn, knn_between
+
+
+def sphere_clusters(n_centres: int, per_centre: int, dim: int = 64, noise: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Unit vectors scattered around random unit centres (cosine to the centre about 1/sqrt(1+noise^2))."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_centres, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    points = np.repeat(centres, per_centre, axis=0) + noise * rng.normal(size=(n_centres * per_centre, dim)) / np.sqrt(dim)
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_exact_graph_matches_brute_force_and_excludes_self() -> None:
+    vectors = sphere_clusters(10, 30)
+    graph = build_knn(vectors * 3.0, k=8)  # unnormalised input is normalised first
+
+    similarity = vectors @ vectors.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected = np.sort(similarity, axis=1)[:, ::-1][:, :8]
+    assert graph.indices.shape == (300, 8) and graph.indices.dtype == np.int64
+    assert not np.any(graph.indices == np.arange(300)[:, None])
+    np.testing.assert_allclose(graph.similarities, expected, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(similarity, graph.indices, axis=1), graph.similarities, atol=1e-5)
+
+
+def test_identical_vectors_find_each_other_not_themselves() -> None:
+    vectors = sphere_clusters(4, 1)
+    graph = build_knn(np.vstack([vectors, vectors]), k=1)
+
+    np.testing.assert_array_equal(graph.indices[:, 0], [4, 5, 6, 7, 0, 1, 2, 3])
+    np.testing.assert_allclose(graph.similarities[:, 0], 1.0, atol=1e-6)
+
+
+def test_ivf_recall_close_to_exact_on_clustered_points() -> None:
+    vectors = sphere_clusters(400, 25, dim=128, noise=1.0)
+    exact = build_knn(vectors, k=10)
+    approximate = build_knn(vectors, k=10, exact_max=1000, nprobe=16, query_batch=3000)
+
+    found = [len(np.intersect1d(a, b)) for a, b in zip(exact.indices, approximate.indices)]
+    recall = np.sum(found) / exact.indices.size
+    assert recall > 0.9
+    # The true same-centre neighbours are what matters for clustering: nearly all survive.
+    same_centre = approximate.indices // 25 == np.arange(len(vectors))[:, None] // 25
+    assert same_centre[:, :5].mean() > 0.95
+
+
+def test_small_sets_are_padded_with_missing_neighbours() -> None:
+    graph = build_knn(sphere_clusters(1, 3), k=5)
+
+    assert graph.indices.shape == (3, 5)
+    assert np.all(graph.indices[:, 2:] == MISSING)
+    assert np.all(np.isneginf(graph.similarities[:, 2:]))
+
+
+def test_knn_between_indexes_the_base_set() -> None:
+    base = sphere_clusters(20, 1, seed=1)
+    queries = base[[3, 17]] + 0.01
+    nearest = knn_between(queries, base, k=2)
+
+    np.testing.assert_array_equal(nearest.indices[:, 0], [3, 17])
+    assert np.all(nearest.similarities[:, 0] >= nearest.similarities[:, 1])
+
+
+def test_edges_are_undirected_unique_and_thresholded() -> None:
+    graph = build_knn(sphere_clusters(5, 20), k=6)
+    source, target, similarity = graph.edges(min_similarity=0.3)
+
+    assert np.all(source < target)
+    assert len(np.unique(np.stack([source, target]), axis=1).T) == len(source)
+    assert similarity.min() >= 0.3
+
+
+def test_zero_vector_is_rejected() -> None:
+    vectors = sphere_clusters(2, 3)
+    vectors[1] = 0.0
+    with pytest.raises(FacemineError):
+        build_knn(vectors, k=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
+def test_cuda_request_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(FacemineError):
+        build_knn(sphere_clusters(2, 3), k=2, device="cuda")

@@ -1,0 +1,155 @@
+"""Margin softmax losses: loss direction, margins, sub-centres, Partial FC sampling (math on small tensors)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import FacemineError
+from pipeline.losses import (
+    MARGINS,
+    MarginSoftmaxHead,
+    arcface_margin,
+    cosface_margin,
+    sample_partial_classes,
+    subcenter_cosine,
+)
+
+DIM = 5
+# Unit vectors e0..e4: classes sit on e0, e1, e2; e3 and e4 are free directions.
+AXES = torch.eye(DIM)
+
+
+def head_with_centers(centers: torch.Tensor, loss: str, margin: float, scale: float = 4.0) -> MarginSoftmaxHead:
+    head = MarginSoftmaxHead(DIM, num_classes=centers.shape[0], loss=loss, margin=margin, scale=scale,
+                             sub_centers=centers.shape[1])
+    with torch.no_grad():
+        head.centers.copy_(centers)
+    return head
+
+
+def three_classes() -> torch.Tensor:
+    return AXES[:3, None, :]  # (3 classes, 1 sub-centre, DIM)
+
+
+def rotation_toward_class0(angles: np.ndarray) -> torch.Tensor:
+    """Embeddings at angle theta from class 0's centre, in the (e0, e3) plane: the cosine to
+    classes 1 and 2 stays 0, so only the true-class term changes."""
+    theta = torch.tensor(angles, dtype=torch.float32)[:, None]
+    return torch.cos(theta) * AXES[0] + torch.sin(theta) * AXES[3]
+
+
+def losses_along(head: MarginSoftmaxHead, embeddings: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return np.array([head(embedding[None], torch.tensor([0])).loss.item() for embedding in embeddings])
+
+
+@pytest.mark.parametrize(("loss", "margin"), [("arcface", 0.5), ("cosface", 0.35), ("arcface", 0.0)])
+def test_loss_strictly_decreases_as_embedding_rotates_to_its_class(loss: str, margin: float) -> None:
+    # From the opposite direction (theta = pi, ArcFace's fallback zone included) to the centre.
+    angles = np.linspace(math.pi, 0.0, 60)
+    losses = losses_along(head_with_centers(three_classes(), loss, margin), rotation_toward_class0(angles))
+    assert np.all(np.diff(losses) < 0), losses
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_subcenter_loss_decreases_toward_the_nearest_subcenter() -> None:
+    # Class 0 has sub-centres e0 and e4; the path moves from e3 toward e0, away from nothing else.
+    centers = torch.stack([torch.stack([AXES[0], AXES[4]]), torch.stack([AXES[1], AXES[1]]),
+                           torch.stack([AXES[2], AXES[2]])])
+    angles = np.linspace(1.5, 0.0, 40)
+    losses = losses_along(head_with_centers(centers, "arcface", 0.5), rotation_toward_class0(angles))
+    assert np.all(np.diff(losses) < 0), losses
+
+
+def test_subcenter_cosine_takes_the_best_subcenter() -> None:
+    centers = torch.stack([torch.stack([AXES[0], AXES[4]]), torch.stack([AXES[1], AXES[2]])])
+    embeddings = torch.stack([AXES[4] * 3.0, AXES[0] + AXES[2]])  # scale must not matter
+    cosine = subcenter_cosine(embeddings, centers)
+    expected = torch.tensor([[1.0, 0.0], [1 / math.sqrt(2), 1 / math.sqrt(2)]])
+    torch.testing.assert_close(cosine, expected)
+
+
+@pytest.mark.parametrize(("loss", "margin"), [("arcface", 0.5), ("cosface", 0.35)])
+def test_margin_raises_the_true_class_loss(loss: str, margin: float) -> None:
+    embeddings = rotation_toward_class0(np.array([0.2, 0.9, 1.5, 2.5]))
+    with_margin = losses_along(head_with_centers(three_classes(), loss, margin), embeddings)
+    without = losses_along(head_with_centers(three_classes(), loss, 0.0), embeddings)
+    assert np.all(with_margin > without)
+
+
+def test_margin_functions_match_their_definitions() -> None:
+    theta = torch.tensor([0.3, 1.2, 2.0])
+    torch.testing.assert_close(arcface_margin(torch.cos(theta), 0.5), torch.cos(theta + 0.5))
+    torch.testing.assert_close(cosface_margin(torch.cos(theta), 0.35), torch.cos(theta) - 0.35)
+    # Past pi - m, ArcFace falls back to a CosFace-like penalty that keeps falling with theta.
+    beyond = torch.tensor([2.9, 3.0, 3.1])
+    penalised = arcface_margin(torch.cos(beyond), 0.5)
+    assert torch.all(penalised[1:] < penalised[:-1])
+    assert torch.all(penalised < torch.cos(beyond))
+
+
+def test_gradient_pulls_the_embedding_toward_its_class() -> None:
+    head = head_with_centers(three_classes(), "arcface", 0.5)
+    embedding = rotation_toward_class0(np.array([1.0])).requires_grad_(True)
+    head(embedding, torch.tensor([0])).loss.backward()
+    step = -embedding.grad[0]
+    assert step @ AXES[0] > 0  # toward class 0
+    assert step @ AXES[1] < 0 and step @ AXES[2] < 0  # away from the others
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_partial_fc_keeps_all_positives_and_the_requested_fraction(fraction: float) -> None:
+    torch.manual_seed(0)
+    labels = torch.tensor([3, 17, 17, 42, 99, 3])
+    classes, targets = sample_partial_classes(labels, num_classes=100, fraction=fraction)
+    assert len(classes) == math.ceil(fraction * 100)
+    assert len(classes.unique()) == len(classes) and torch.all(classes[1:] > classes[:-1])
+    assert set(labels.tolist()) <= set(classes.tolist())
+    assert torch.equal(classes[targets], labels)
+
+
+def test_partial_fc_keeps_positives_beyond_the_fraction_and_varies_negatives() -> None:
+    torch.manual_seed(0)
+    labels = torch.arange(0, 40, 2)  # 20 positives, more than 10% of 100 classes
+    classes, targets = sample_partial_classes(labels, num_classes=100, fraction=0.1)
+    assert torch.equal(classes, labels) and torch.equal(classes[targets], labels)
+    draws = {tuple(sample_partial_classes(torch.tensor([5]), 100, 0.2)[0].tolist()) for _ in range(5)}
+    assert len(draws) > 1
+
+
+def test_full_fraction_scores_every_class() -> None:
+    labels = torch.tensor([1, 4])
+    classes, targets = sample_partial_classes(labels, num_classes=6, fraction=1.0)
+    assert torch.equal(classes, torch.arange(6)) and torch.equal(targets, labels)
+
+
+def test_head_with_partial_fc_scores_the_sampled_classes() -> None:
+    torch.manual_seed(0)
+    head = MarginSoftmaxHead(DIM, num_classes=50, partial_fraction=0.2, sub_centers=3, label_smoothing=0.1)
+    labels = torch.tensor([0, 7, 7, 49])
+    output = head(torch.randn(4, DIM), labels)
+    assert output.cosine.shape == (4, 10)
+    assert torch.isfinite(output.loss) and output.loss.item() > 0
+    output.loss.backward()
+    touched = head.centers.grad.abs().sum(dim=(1, 2)) > 0
+    assert touched[labels].all() and touched.sum() <= 10
+
+
+def test_imprint_points_centers_at_class_means() -> None:
+    torch.manual_seed(0)
+    head = MarginSoftmaxHead(DIM, num_classes=3, sub_centers=2)
+    means = torch.stack([AXES[0] * 4, AXES[1] + AXES[2], -AXES[3]])
+    head.imprint(means, noise=0.0)
+    cosine = subcenter_cosine(means, head.centers.detach())
+    torch.testing.assert_close(cosine.diagonal(), torch.ones(3))
+
+
+def test_unknown_loss_and_single_class_are_user_errors() -> None:
+    assert set(MARGINS) == {"arcface", "cosface"}
+    with pytest.raises(FacemineError, match="unknown loss"):
+        MarginSoftmaxHead(DIM, num_classes=3, loss="triplet")
+    with pytest.raises(FacemineError, match="at least 2"):
+        MarginSoftmaxHead(DIM, num_classes=1)

@@ -12,3 +12,5 @@ _prefect_home.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_HOME", str(_prefect_home))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# The ephemeral API starts in a subprocess; on a loaded 2-core machine the default 20 s is too short.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect import Flow, serve
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval, Schedule
@@ -34,6 +35,11 @@ from storage.settings import Settings
 logger = logging.getLogger(__name__)
 
 TAGS = ["facemine"]
+# A scheduled run that comes due while the previous one still runs is skipped (cancelled):
+# the next one picks up whatever is new by then.
+SKIP_IF_RUNNING = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+# A second closed loop launched while one runs waits for it.
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1)
 START_SERVER_HINT = (
     "start one with `prefect server start --host 127.0.0.1` and "
     "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
@@ -64,14 +70,13 @@ def _deployment(
     name: str,
     schedules: list[Schedule],
     parameters: dict | None = None,
-    one_at_a_time: bool = False,
+    concurrency: ConcurrencyLimitConfig | None = None,
 ) -> RunnerDeployment:
     return flow.to_deployment(
         name,
         schedules=schedules,
         parameters=parameters or {},
-        # A scheduled run that comes due while the previous one still runs waits for it.
-        concurrency_limit=1 if one_at_a_time else None,
+        concurrency_limit=concurrency,
         tags=TAGS,
         # Runs import the flow by module path: works from any folder once facemine is installed.
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -87,7 +92,7 @@ def build_deployments(settings: Settings) -> ServePlan:
         folders = [str(Path(folder).expanduser().absolute()) for folder in config.watch_folders]
         schedules = schedules_for(config.mine_cron, config.mine_interval_seconds, config.timezone)
         parameters = {"folders": folders, "subset": config.watch_subset}
-        deployments.append(_deployment(mine, "mine-watch", schedules, parameters, one_at_a_time=True))
+        deployments.append(_deployment(mine, "mine-watch", schedules, parameters, SKIP_IF_RUNNING))
     else:
         skipped["mine-watch"] = (
             "no watch folders configured: set FACEMINE_SERVE__WATCH_FOLDERS='[\"/path/to/photos\"]' "
@@ -95,11 +100,11 @@ def build_deployments(settings: Settings) -> ServePlan:
         )
         logger.info("not serving mine-watch: %s", skipped["mine-watch"])
     schedules = schedules_for(config.cluster_cron, config.cluster_interval_seconds, config.timezone)
-    deployments.append(_deployment(cluster, "cluster-scheduled", schedules, one_at_a_time=True))
+    deployments.append(_deployment(cluster, "cluster-scheduled", schedules, concurrency=SKIP_IF_RUNNING))
     # The UI's run form starts from the configured training parameters.
     training = {"config": settings.train.model_dump(mode="json")}
     deployments.append(_deployment(retrain, "retrain", [], training))
-    deployments.append(_deployment(closed_loop, "closed-loop", [], training, one_at_a_time=True))
+    deployments.append(_deployment(closed_loop, "closed-loop", [], training, ONE_AT_A_TIME))
     return ServePlan(deployments, skipped)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rich.text import Text
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -77,7 +78,7 @@ class FaceCell(Vertical):
     def show(self, cursor: bool, selected: bool) -> None:
         self.set_class(cursor, "-cursor")
         self.set_class(selected, "-selected")
-        self.caption.update(f"[{'x' if selected else ' '}] {self.face_id}")
+        self.caption.update(Text(f"[{'x' if selected else ' '}] {self.face_id}"))
 
 
 @dataclass
@@ -102,7 +103,7 @@ class ReviewApp(App[None]):
     #reason { height: auto; max-height: 3; padding: 0 1; }
     #grid { height: 1fr; layout: grid; grid-gutter: 0 1; padding: 0 1; }
     #suggestions { height: 1; padding: 0 1; color: $text-muted; }
-    #compare { height: auto; layout: grid; grid-gutter: 0 1; padding: 0 1; }
+    #compare { layout: grid; grid-gutter: 0 1; padding: 0 1; }
     #status { height: 1; padding: 0 1; }
     """
     BINDINGS = [
@@ -152,9 +153,12 @@ class ReviewApp(App[None]):
         yield Footer()
 
     async def on_mount(self) -> None:
+        cell_height = self.thumbnails.rows + 1
         for grid in (self.query_one("#grid"), self.query_one("#compare")):
             grid.styles.grid_columns = str(self.cell_width)
-            grid.styles.grid_rows = str(self.thumbnails.rows + 1)
+            grid.styles.grid_rows = str(cell_height)
+        # A fixed height keeps the face grid's size, hence its page size, steady.
+        self.query_one("#compare").styles.height = cell_height
         # The grid's size is known once laid out.
         self.call_after_refresh(self.show_item, 0)
 
@@ -174,9 +178,8 @@ class ReviewApp(App[None]):
         columns, rows = self.grid_shape()
         return columns * rows
 
-    async def on_resize(self) -> None:
-        if self.view is not None:
-            await self.render_grid()
+    def on_resize(self) -> None:
+        self.call_after_refresh(self.refresh_view)
 
     # ---- showing items -----------------------------------------------------------------------
 
@@ -227,15 +230,15 @@ class ReviewApp(App[None]):
         await self.refresh_view()
 
     async def refresh_view(self) -> None:
-        self.update_text()
         await self.render_grid()
         await self.render_compare()
+        self.update_text()
 
     def update_text(self) -> None:
         total = len(self.queue.items)
         progress = f"item {min(self.index + 1, total)}/{total} · {plural(self.decisions_made, 'decision')} this session"
         if self.view is None:
-            self.query_one("#progress", Static).update(progress + " · queue done")
+            self.query_one("#progress", Static).update(Text(progress + " · queue done"))
             self.query_one("#reason", Static).update("Nothing left to review. u: undo the last decision, q: quit.")
             self.query_one("#suggestions", Static).update("")
             return
@@ -245,14 +248,13 @@ class ReviewApp(App[None]):
             f" · {view.identity.label()}: {plural(len(view.faces))}, {len(view.selected)} selected"
             f" · page {self.page + 1}/{pages}"
         )
-        self.query_one("#progress", Static).update(progress)
-        self.query_one("#reason", Static).update(f"[b]{view.item.kind}[/b]  {view.item.reason}")
-        listed = "  ".join(
-            f"{'[reverse]' if k == view.highlighted else ''}{k + 1}:#{identity} {similarity:.2f}"
-            f"{'[/reverse]' if k == view.highlighted else ''}"
-            for k, (identity, similarity) in enumerate(view.suggestions)
-        )
-        self.query_one("#suggestions", Static).update(f"merge with  {listed}" if listed else "no merge suggestions")
+        self.query_one("#progress", Static).update(Text(progress))
+        self.query_one("#reason", Static).update(Text.assemble((view.item.kind, "bold"), "  ", view.item.reason))
+        suggestions = Text("merge with " if view.suggestions else "no merge suggestions")
+        for k, (identity, similarity) in enumerate(view.suggestions):
+            suggestions.append(" ")
+            suggestions.append(f"{k + 1}:#{identity} {similarity:.2f}", "reverse" if k == view.highlighted else "")
+        self.query_one("#suggestions", Static).update(suggestions)
 
     async def render_grid(self) -> None:
         grid = self.query_one("#grid")
@@ -290,7 +292,7 @@ class ReviewApp(App[None]):
             cell.show(cell.face_id == cursor_face, cell.face_id in self.view.selected)
 
     def say(self, message: str, error: bool = False) -> None:
-        self.query_one("#status", Static).update(f"[red]{message}[/red]" if error else message)
+        self.query_one("#status", Static).update(Text(message, "red" if error else ""))
 
     # ---- navigation ------------------------------------------------------------------------
 

@@ -78,8 +78,7 @@ def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterCon
     engine.add_nodes(range(len(embeddings)))
     if strong.any():
         engine.add_links(np.column_stack([source[strong], target[strong], weight[strong]]))
-    engine.run()
-    modules = engine.get_modules()
+    modules = engine.run().modules()
     return np.fromiter((modules[node] for node in range(len(embeddings))), np.int64, len(embeddings))
 
 
@@ -134,15 +133,8 @@ def get_clusterer(name: str) -> Clusterer:
 
 
 def knn_graph(embeddings: np.ndarray, config: ClusterConfig) -> KnnGraph:
-    """The k-NN graph ``cluster`` builds, with the index settings of ``config``."""
-    return build_knn(
-        embeddings,
-        min(config.k, max(len(embeddings) - 1, 1)),
-        exact_max=config.exact_index_max,
-        query_batch=config.query_batch,
-        nprobe=config.ivf_nprobe,
-        device=config.device,
-    )
+    """The k-NN graph ``cluster`` builds (k capped below the number of faces)."""
+    return build_knn(embeddings, min(config.k, max(len(embeddings) - 1, 1)), config)
 
 
 def cluster(embeddings: np.ndarray, config: ClusterConfig = ClusterConfig(), graph: KnnGraph | None = None) -> np.ndarray:
@@ -435,7 +427,7 @@ def _merge_across_subsets(labels: np.ndarray, faces: _Faces, config: ClusterConf
         return labels, 0
     vectors = faces.vectors[clustered]
     centroids = identity_centroids(compact, vectors)
-    candidates = knn_between(centroids, centroids, min(config.k, len(cluster_ids)), device=config.device)
+    candidates = knn_between(centroids, centroids, min(config.k, len(cluster_ids)), config)
     pairs = _cross_subset_pairs(candidates, cluster_subsets)
     representatives = _representatives(compact, vectors, centroids, config.merge_representatives)
     score = _representative_agreement(pairs, representatives, vectors)
@@ -645,7 +637,7 @@ def _attach(
         return empty
     assigned = labels >= 0
     used, compact = np.unique(labels[assigned], return_inverse=True)
-    nearest = knn_between(faces.vectors[candidates], identity_centroids(compact, faces.vectors[assigned]), 2, device=config.device)
+    nearest = knn_between(faces.vectors[candidates], identity_centroids(compact, faces.vectors[assigned]), 2, config)
     best, runner_up = nearest.similarities[:, 0], nearest.similarities[:, 1]
     best_label = used[nearest.indices[:, 0]]
     locked = np.isin(best_label, labels[faces.fixed])

@@ -74,8 +74,11 @@ class ClusterConfig(BaseModel):
     # methods weigh an edge by how far its similarity rises above the floor.
     k: int = Field(default=30, ge=2, le=1000)
     min_similarity: float = Field(default=0.35, ge=-1.0, lt=1.0)
-    # Largest size for an exact index; above it an IVF index searching `ivf_nprobe` lists is used.
-    exact_index_max: int = Field(default=1_000_000, ge=1)
+    # Largest set searched exactly (brute force costs N^2: a GPU does a million faces in
+    # seconds, two CPU cores about 100K in a minute); above it an IVF index searching
+    # `ivf_nprobe` of its ~4*sqrt(N) lists is used.
+    exact_index_max_gpu: int = Field(default=1_000_000, ge=1)
+    exact_index_max_cpu: int = Field(default=50_000, ge=1)
     ivf_nprobe: int = Field(default=32, ge=1)
     query_batch: int = Field(default=65_536, ge=1)
     # "auto" runs faiss on the GPU when faiss-gpu and CUDA are present.

@@ -8,17 +8,18 @@ Public API
     ``indices`` (N, k) int64 and ``similarities`` (N, k) float32, each row sorted by decreasing
     similarity. A row lists fewer than k real neighbours only when the base set is smaller than k
     or an approximate index returned fewer; missing slots hold index -1 and similarity -inf.
-``build_knn(embeddings, k, ...) -> KnnGraph``
+``build_knn(embeddings, k, config) -> KnnGraph``
     Each face's k nearest *other* faces (self excluded).
-``knn_between(queries, base, k, ...) -> KnnGraph``
+``knn_between(queries, base, k, config) -> KnnGraph``
     Each query's k nearest rows of ``base`` (indices into ``base``); used for cross-set questions
     such as attaching a face to identity centroids.
 
-Index choice: an exact ``IndexFlatIP`` up to ``exact_max`` base vectors, an ``IndexIVFFlat``
-(about 4*sqrt(N) lists, ``nprobe`` of them searched) beyond. With ``device="auto"`` the index
-runs on every visible GPU when faiss was built with GPU support and CUDA is available, else on
-the CPU. Queries go through in batches of ``query_batch`` rows so the result buffers of one
-search stay bounded however large N is.
+Index settings come from ``ClusterConfig``: an exact ``IndexFlatIP`` up to
+``exact_index_max_gpu`` / ``exact_index_max_cpu`` base vectors, an ``IndexIVFFlat`` (about
+4*sqrt(N) lists, ``ivf_nprobe`` of them searched) beyond. With ``device="auto"`` the index runs
+on every visible GPU when faiss was built with GPU support and CUDA is available, else on the
+CPU. Queries go through in batches of ``query_batch`` rows so the result buffers of one search
+stay bounded however large N is.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from pipeline.config import ClusterConfig
 from pipeline.device import resolve_device
 from pipeline.errors import FacemineError
 
@@ -74,61 +76,37 @@ def normalize(embeddings: np.ndarray) -> np.ndarray:
     return vectors / norms[:, None]
 
 
-def build_knn(
-    embeddings: np.ndarray,
-    k: int,
-    *,
-    exact_max: int = 1_000_000,
-    query_batch: int = 65_536,
-    nprobe: int = 32,
-    device: str = "auto",
-) -> KnnGraph:
+def build_knn(embeddings: np.ndarray, k: int, config: ClusterConfig = ClusterConfig()) -> KnnGraph:
     """The k nearest other faces of every face (self excluded), by cosine similarity."""
     vectors = normalize(embeddings)
-    neighbours = _search(vectors, vectors, k + 1, exact_max, query_batch, nprobe, device)
-    return _drop_self(neighbours)
+    return _drop_self(_search(vectors, vectors, k + 1, config))
 
 
-def knn_between(
-    queries: np.ndarray,
-    base: np.ndarray,
-    k: int,
-    *,
-    exact_max: int = 1_000_000,
-    query_batch: int = 65_536,
-    nprobe: int = 32,
-    device: str = "auto",
-) -> KnnGraph:
+def knn_between(queries: np.ndarray, base: np.ndarray, k: int, config: ClusterConfig = ClusterConfig()) -> KnnGraph:
     """The k nearest rows of ``base`` for every row of ``queries`` (indices into ``base``)."""
-    return _search(normalize(queries), normalize(base), k, exact_max, query_batch, nprobe, device)
+    return _search(normalize(queries), normalize(base), k, config)
 
 
-def _search(
-    queries: np.ndarray,
-    base: np.ndarray,
-    k: int,
-    exact_max: int,
-    query_batch: int,
-    nprobe: int,
-    device: str,
-) -> KnnGraph:
+def _search(queries: np.ndarray, base: np.ndarray, k: int, config: ClusterConfig) -> KnnGraph:
     if k < 1:
         raise FacemineError(f"k must be at least 1, got {k}")
     if queries.shape[1] != base.shape[1]:
         raise FacemineError(f"query dimension {queries.shape[1]} differs from base dimension {base.shape[1]}")
-    index = _build_index(base, exact_max, nprobe, _use_gpu(device))
+    index = _build_index(base, config)
     searched = min(k, len(base))
-    parts = [index.search(queries[start:start + query_batch], searched) for start in range(0, len(queries), query_batch)]
+    batch = config.query_batch
+    parts = [index.search(queries[start:start + batch], searched) for start in range(0, len(queries), batch)]
     similarities = np.concatenate([part[0] for part in parts]) if parts else np.empty((0, searched), np.float32)
     indices = np.concatenate([part[1] for part in parts]) if parts else np.empty((0, searched), np.int64)
     similarities[indices == MISSING] = -np.inf
     return _pad(KnnGraph(indices.astype(np.int64), similarities.astype(np.float32)), k)
 
 
-def _build_index(base: np.ndarray, exact_max: int, nprobe: int, use_gpu: bool) -> faiss.Index:
+def _build_index(base: np.ndarray, config: ClusterConfig) -> faiss.Index:
     dim = base.shape[1]
+    use_gpu = _use_gpu(config.device)
+    exact = len(base) <= (config.exact_index_max_gpu if use_gpu else config.exact_index_max_cpu)
     lists = max(1, min(int(4 * np.sqrt(len(base))), len(base) // _MIN_POINTS_PER_LIST))
-    exact = len(base) <= exact_max
     if exact:
         index = faiss.IndexFlatIP(dim)
     else:
@@ -138,7 +116,7 @@ def _build_index(base: np.ndarray, exact_max: int, nprobe: int, use_gpu: bool) -
     if not exact:
         index.train(_training_sample(base, lists))
         space = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
-        space.set_index_parameter(index, "nprobe", nprobe)
+        space.set_index_parameter(index, "nprobe", config.ivf_nprobe)
     index.add(base)
     return index
 

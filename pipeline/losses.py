@@ -11,9 +11,10 @@ Small orthogonal parts, composed by `MarginSoftmaxHead` (pytorch-metric-learning
   a random fraction of all classes that always includes the batch's positives, so the
   per-step logit and softmax cost stays bounded as identities grow.
 
-Why hand-written: torch has no margin softmax, and pytorch-metric-learning's ArcFace/CosFace
-losses cover neither Partial FC sampling nor sub-centres together; insightface's versions are
-tied to its distributed training code.
+Why hand-written: torch has no margin softmax; pytorch-metric-learning (not a dependency) has
+ArcFace, CosFace and sub-centre ArcFace losses but no Partial FC class sampling, which must
+index the class centres inside the loss; insightface's versions are tied to its own
+distributed training code and are not a package.
 """
 from __future__ import annotations
 

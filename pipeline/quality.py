@@ -146,7 +146,8 @@ def combined_score(metrics: QualityMetrics) -> float:
             np.clip(metrics.det_score, 0.0, 1.0),
             _saturating(metrics.eye_distance, _EYE_DISTANCE_SCALE),
             _saturating(metrics.sharpness, _SHARPNESS_SCALE),
-            np.cos(np.radians(min(abs(metrics.yaw), 90.0))) * np.cos(np.radians(min(abs(metrics.pitch), 90.0))),
+            np.cos(np.radians(min(abs(metrics.yaw), 90.0)))
+            * np.cos(np.radians(min(abs(metrics.pitch), 90.0))),
             1.0 - min(((metrics.brightness - 127.5) / 127.5) ** 2, 1.0),
             _saturating(metrics.contrast, _CONTRAST_SCALE),
         ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,71 @@ def make_run(store: Store, groups: Sequence[Sequence[int]], confidence: Mapping[
     )
     finish_run(store, run_id, table, {"identities": len(groups)})
     return run_id, identity_ids
+
+
+def people_faces(store: Store) -> dict[str, list[int]]:
+    """Labelled face ids of each LFW person, by face id."""
+    person = person_of_face(store)
+    return {name: sorted(person[person == name].index.tolist()) for name in sorted(person.unique())}
+
+
+@dataclass
+class Scenario:
+    """A clustering run with the mistakes a reviewer fixes: a two-person identity, one person cut
+    in two, an intruder, a face joined with low confidence."""
+
+    run_id: int
+    people: dict[str, list[int]]
+    pure: int  # one person, clean
+    mixed: int  # people[0] + people[1]
+    halves: tuple[int, int]  # people[2] cut in two
+    intruded: int  # people[3] + first face of people[4]
+    rest_of_intruder: int  # people[4] without its first face
+    low_confidence: int  # people[5], its first face joined with confidence 0.2
+    others: tuple[int, ...]  # remaining people, one identity each
+    intruder: int
+    doubtful: int
+
+
+def scenario_run(store: Store) -> Scenario:
+    people = people_faces(store)
+    names = list(people)
+    faces = [people[name] for name in names]
+    groups = [
+        faces[6], faces[0] + faces[1], faces[2][:4], faces[2][4:], faces[3] + faces[4][:1], faces[4][1:], faces[5],
+        *faces[7:],
+    ]
+    run_id, ids = make_run(store, groups, confidence={faces[5][0]: 0.2})
+    return Scenario(
+        run_id, {name: people[name] for name in names}, pure=ids[0], mixed=ids[1], halves=(ids[2], ids[3]),
+        intruded=ids[4], rest_of_intruder=ids[5], low_confidence=ids[6], others=tuple(ids[7:]),
+        intruder=faces[4][0], doubtful=faces[5][0],
+    )
+
+
+def add_face_copies(store: Store, count: int, seed: int = 0) -> list[int]:
+    """`count` extra faces reusing the stored chips (and embeddings, slightly jittered) of real faces:
+    enough faces for one very large identity without mining thousands of photos."""
+    from sqlalchemy import select
+
+    from storage.schema import Face
+
+    rng = np.random.default_rng(seed)
+    model = store.current_model()
+    with store.session() as session:
+        originals = session.scalars(select(Face).order_by(Face.id)).all()
+        columns = [c.key for c in Face.__table__.columns if c.key not in ("id", "face_index")]
+        copies = []
+        for k in range(count):
+            source = originals[k % len(originals)]
+            copy = Face(**{c: getattr(source, c) for c in columns}, face_index=1000 + k)
+            session.add(copy)
+            copies.append((copy, source.id))
+        session.flush()
+        new_ids = [copy.id for copy, _ in copies]
+        source_ids = [source for _, source in copies]
+    ids, base = store.load_embeddings(model.id, sorted(set(source_ids)))
+    row = {face: i for i, face in enumerate(ids)}
+    jittered = base[[row[s] for s in source_ids]] + rng.normal(0, 0.01, (count, base.shape[1])).astype(np.float32)
+    store.write_embeddings(model, np.asarray(new_ids), jittered / np.linalg.norm(jittered, axis=1, keepdims=True))
+    return new_ids

@@ -1,4 +1,7 @@
-"""Alignment: similarity fit, warping, mirroring; geometry on synthetic points, behaviour on real LFW faces."""
+"""Alignment: similarity fit, warping, mirroring.
+
+Geometry on synthetic points, behaviour on real LFW faces.
+"""
 from __future__ import annotations
 
 import csv
@@ -64,7 +67,12 @@ def lfw_faces(detector: FaceDetector) -> list[tuple[np.ndarray, Detection]]:
 
 @pytest.mark.parametrize(
     ("angle", "scale", "shift"),
-    [(0.0, 1.0, (0.0, 0.0)), (17.0, 2.3, (140.0, -35.0)), (-63.0, 0.4, (-12.5, 300.0)), (179.0, 5.0, (1e3, 2e3))],
+    [
+        (0.0, 1.0, (0.0, 0.0)),
+        (17.0, 2.3, (140.0, -35.0)),
+        (-63.0, 0.4, (-12.5, 300.0)),
+        (179.0, 5.0, (1e3, 2e3)),
+    ],
 )
 def test_estimate_similarity_recovers_known_transform(angle, scale, shift):
     truth = similarity(angle, scale, shift)
@@ -119,7 +127,8 @@ def test_align_face_undoes_a_known_warp():
     assert difference.max() <= 3
     # Sanity: a different template really produces a different picture.
     shifted = AlignTemplate("shifted", 112, ARCFACE.points + [6.0, 0.0])
-    assert np.abs(align_face(photo, apply(chip_to_photo, ARCFACE.points), shifted)[inner].astype(int) - chip[inner]).mean() > 5
+    misaligned = align_face(photo, apply(chip_to_photo, ARCFACE.points), shifted)
+    assert np.abs(misaligned[inner].astype(int) - chip[inner]).mean() > 5
 
 
 def test_align_face_takes_template_names_and_rejects_unknown_ones():

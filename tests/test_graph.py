@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ClusterConfig
 from pipeline.errors import FacemineError
 from pipeline.graph import MISSING, build_knn, knn_between
 
@@ -42,7 +43,8 @@ def test_identical_vectors_find_each_other_not_themselves() -> None:
 def test_ivf_recall_close_to_exact_on_clustered_points() -> None:
     vectors = sphere_clusters(400, 25, dim=128, noise=1.0)
     exact = build_knn(vectors, k=10)
-    approximate = build_knn(vectors, k=10, exact_max=1000, nprobe=16, query_batch=3000)
+    ivf = ClusterConfig(exact_index_max_cpu=1000, exact_index_max_gpu=1000, ivf_nprobe=16, query_batch=3000)
+    approximate = build_knn(vectors, k=10, config=ivf)
 
     found = [len(np.intersect1d(a, b)) for a, b in zip(exact.indices, approximate.indices)]
     recall = np.sum(found) / exact.indices.size
@@ -88,4 +90,4 @@ def test_zero_vector_is_rejected() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error path")
 def test_cuda_request_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(FacemineError):
-        build_knn(sphere_clusters(2, 3), k=2, device="cuda")
+        build_knn(sphere_clusters(2, 3), k=2, config=ClusterConfig(device="cuda"))

@@ -69,7 +69,8 @@ def assert_same_rows(left: pd.DataFrame, right: pd.DataFrame) -> None:
 
 
 def run_cli(data_dir: Path, *args: str, **kwargs) -> subprocess.Popen:
-    env = os.environ | {"FACEMINE_DATA_DIR": str(data_dir)}
+    # Without PREFECT_HOME the CLI keeps Prefect's database inside the data folder, as users get it.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_HOME"} | {"FACEMINE_DATA_DIR": str(data_dir)}
     return subprocess.Popen([sys.executable, "-m", "facemine_cli", *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 

@@ -62,7 +62,8 @@ def lfw_faces(detector: FaceDetector) -> list[Face]:
     """The central face of 50 LFW photos spread over the identity list."""
     with open(LFW / "labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    images = [load_image(LFW / row["path"], IngestConfig()).rgb for row in rows[:: len(rows) // 50][:50]]
+    paths = [LFW / row["path"] for row in rows[:: len(rows) // 50][:50]]
+    images = [load_image(path, IngestConfig()).rgb for path in paths]
     return [face_of(image, central_face(faces, image)) for image, faces in zip(images, detector.detect(images))]
 
 
@@ -129,7 +130,8 @@ def test_darkened_chip_fails_too_dark_and_brightened_fails_too_bright(sharp_face
 def test_mirrored_landmarks_negate_yaw_and_keep_pitch(lfw_faces):
     for face in lfw_faces:
         yaw, pitch = estimate_pose(face.detection.landmarks)
-        mirrored_yaw, mirrored_pitch = estimate_pose(flip_landmarks(face.detection.landmarks, face.image.shape[1]))
+        mirrored = flip_landmarks(face.detection.landmarks, face.image.shape[1])
+        mirrored_yaw, mirrored_pitch = estimate_pose(mirrored)
         assert mirrored_yaw == pytest.approx(-yaw, abs=1e-9)
         assert mirrored_pitch == pytest.approx(pitch, abs=1e-9)
 
@@ -148,7 +150,8 @@ def test_yaw_sign_and_size_on_real_faces(detector, lfw_faces):
 def test_sharpness_is_comparable_across_templates(lfw_faces):
     for face in lfw_faces[:10]:
         chip_160 = align_face(face.image, face.detection.landmarks, "facenet_160")
-        ratio = measure(face.detection.score, face.detection.landmarks, chip_160).sharpness / face.metrics.sharpness
+        sharpness_160 = measure(face.detection.score, face.detection.landmarks, chip_160).sharpness
+        ratio = sharpness_160 / face.metrics.sharpness
         assert 0.5 < ratio < 2.0
 
 

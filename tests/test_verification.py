@@ -104,3 +104,11 @@ def test_sample_pairs_caps_same_pairs() -> None:
     assert np.array_equal(labels[index_a] == labels[index_b], same)
     again = sample_verification_pairs(labels, max_pairs=200, seed=0)
     assert all(np.array_equal(x, y) for x, y in zip((index_a, index_b, same), again))
+
+
+def test_sample_pairs_without_enough_identities_is_empty() -> None:
+    for labels in ([], ["a", "b"]):
+        index_a, index_b, same = sample_verification_pairs(labels)
+        assert len(index_a) == len(index_b) == len(same) == 0
+    index_a, index_b, same = sample_verification_pairs(["a", "a", "a"])
+    assert same.all() and sorted(zip(index_a.tolist(), index_b.tolist())) == [(0, 1), (0, 2), (1, 2)]

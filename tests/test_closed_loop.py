@@ -1,0 +1,96 @@
+"""The `closed_loop` flow on a tiny real store: iterations stored, review decisions kept, report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from retrain_helpers import copy_store, prepared_store, small_train_config, use_store, write_holdout_csvs
+
+from facemine_cli import main
+from labeling.actions import Labeler
+from storage import registry
+from storage.decisions import identity_faces
+from storage.identities import identities_summary, identity_rows, latest_run_id
+from storage.settings import Settings
+from storage.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def holdout_csvs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_holdout_csvs(tmp_path_factory.mktemp("holdout"))
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, holdout_csvs, prefect_harness) -> Settings:  # noqa: ANN001
+    return prepared_store(tmp_path_factory, "loop-template", *holdout_csvs)
+
+
+@pytest.fixture
+def store(template: Settings, holdout_csvs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:  # noqa: ANN001
+    settings = copy_store(template, tmp_path / "data")
+    use_store(monkeypatch, settings, *holdout_csvs)
+    return Store(settings)
+
+
+def test_two_iterations_with_model_changes_keep_a_named_identity(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flows.loop import closed_loop
+
+    # A person names the largest identity before the loop runs.
+    run_id = latest_run_id(store)
+    named = int(identities_summary(store, run_id).identity_id.iloc[0])
+    members = identity_faces(store, run_id, named)
+    Labeler(store, who="tester").name(named, "Reviewed Person")
+    # Force promotions so that both iterations re-embed and re-cluster with a new model (the gate
+    # itself is tested in test_gate.py and test_retrain_flow.py).
+    monkeypatch.setattr("flows.train.gate_decision", lambda *args: (True, "promoted by the test"))
+    sface = store.current_model()
+
+    result = closed_loop(iterations=2, loop_name="test", config=small_train_config(), min_churn=0.0)
+
+    assert result["iterations"] == [1, 2] and result["promoted"] == [True, True] and not result["stopped_early"]
+    iterations = registry.loop_iterations(store, "test")
+    assert [row["iteration"] for row in iterations] == [1, 2]
+    for row in iterations:
+        metrics = row["metrics"]
+        assert row["promoted"] and metrics["gate_reason"] == "promoted by the test"
+        assert 0.5 <= metrics["current"]["verification_accuracy"] <= 1.0
+        assert 0.5 <= metrics["candidate"]["verification_accuracy"] <= 1.0
+        assert metrics["identities"] >= 4  # 8 people were mined
+        assert 0.0 <= metrics["churn"] <= 1.0
+        assert metrics["seconds"]["retrain"] > 0 and metrics["seconds"]["reembed_cluster"] > 0
+    # Iteration 2 starts from iteration 1's promoted model: its "current" is that candidate.
+    assert iterations[1]["metrics"]["current"] == iterations[0]["metrics"]["candidate"]
+    # The current model descends from SFace through both trained models.
+    chain = registry.lineage(store, store.current_model().id)
+    assert [step["id"] for step in chain][1:] == [iterations[0]["model_id"], sface.id]
+    assert iterations[1]["model_id"] == chain[0]["id"]
+    # Each iteration's labelling is a clustering run of its own model.
+    assert iterations[1]["run_id"] == latest_run_id(store) != run_id
+
+    # The named identity kept its name and every reviewed face through two model changes.
+    final = latest_run_id(store)
+    assert identity_rows(store, [named]).name.iloc[0] == "Reviewed Person"
+    assert set(members) <= set(identity_faces(store, final, named))
+
+
+def test_loop_report_prints_iterations_and_writes_a_plot(
+    store: Store, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from flows.loop import closed_loop
+
+    monkeypatch.setenv("FACEMINE_GATE__MIN_IMPROVEMENT", "1.0")  # no candidate can pass
+    result = closed_loop(iterations=3, loop_name="strict", config=small_train_config())
+    assert result["stopped_early"] and "no model promoted" in result["stop_reason"]
+    [row] = registry.loop_iterations(store, "strict")
+    assert not row["promoted"] and row["metrics"]["churn"] is None
+    assert row["model_id"] == store.current_model().id  # unchanged
+
+    plot = tmp_path / "report" / "loop.png"
+    assert main(["loop", "report", "--name", "strict", "--plot", str(plot)]) == 0
+    assert "verification_accuracy" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    assert main(["loop", "report", "--name", "missing"]) == 2

@@ -1,0 +1,216 @@
+"""`facemine serve`: the deployments it builds from settings, typed parameters, and, end to end
+with a real Prefect server, a scheduled mine that processes only the photos added since its last run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+from prefect.exceptions import ParameterTypeError
+from prefect_helpers import api_client, deployment_runs, facemine_serve, prefect_env, prefect_server, wait_for
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from conftest import DATA
+from flows.cluster import cluster
+from flows.mine import MineSummary, mine
+from flows.serve import build_deployments, describe_schedule, schedules_for
+from flows.train import retrain
+from pipeline.config import TrainConfig
+from pipeline.errors import FacemineError
+from storage.schema import Image, Subset
+from storage.settings import ServeConfig, Settings
+from storage.store import Store
+
+# A cron that never comes due while a test runs: keeps the scheduled cluster out of the way.
+NEVER_DURING_TESTS = "0 0 1 1 *"
+MINE_INTERVAL_SECONDS = 20
+RUN_TIMEOUT_SECONDS = 300
+
+
+def by_name(settings: Settings) -> dict:
+    return {deployment.name: deployment for deployment in build_deployments(settings).deployments}
+
+
+def test_deployments_carry_schedules_and_parameters_from_settings(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        serve=ServeConfig(
+            watch_folders=[str(tmp_path / "inbox")],
+            watch_subset="phone",
+            mine_interval_seconds=600,
+            cluster_cron="30 2 * * *",
+            timezone="Europe/Paris",
+        ),
+        train=TrainConfig(epochs=3, margin=0.4),
+    )
+    deployments = by_name(settings)
+    assert list(deployments) == ["mine-watch", "cluster-scheduled", "retrain", "closed-loop"]
+
+    watch = deployments["mine-watch"]
+    assert watch.entrypoint == "flows.mine.mine"
+    assert watch.parameters == {"folders": [str(tmp_path / "inbox")], "subset": "phone"}
+    assert watch.schedules[0].schedule.interval == timedelta(seconds=600)
+    assert watch.concurrency_limit == 1
+    assert watch.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+
+    clustering = deployments["cluster-scheduled"].schedules[0].schedule
+    assert (clustering.cron, clustering.timezone) == ("30 2 * * *", "Europe/Paris")
+    assert deployments["cluster-scheduled"].parameters == {}
+
+    for name in ("retrain", "closed-loop"):
+        deployment = deployments[name]
+        assert deployment.schedules == [], f"{name} must be launched by hand"
+        # The UI's run form starts from the configured training parameters.
+        assert deployment.parameters["config"] == settings.train.model_dump(mode="json")
+        assert deployment.enforce_parameter_schema
+    assert deployments["retrain"].parameter_openapi_schema == retrain.parameters
+    assert [describe_schedule(d) for d in deployments.values()] == [
+        "every 600 s", "cron 30 2 * * * (Europe/Paris)", "launched by hand (UI or API)", "launched by hand (UI or API)",
+    ]
+
+
+def test_mine_watch_is_left_out_without_watch_folders(tmp_path: Path) -> None:
+    plan = build_deployments(Settings(data_dir=tmp_path))
+    assert [d.name for d in plan.deployments] == ["cluster-scheduled", "retrain", "closed-loop"]
+    assert "FACEMINE_SERVE__WATCH_FOLDERS" in plan.skipped["mine-watch"]
+
+
+def test_cron_wins_over_interval_and_neither_means_no_schedule() -> None:
+    assert schedules_for("0 * * * *", 60, "UTC")[0].cron == "0 * * * *"
+    assert schedules_for(None, 60, "UTC")[0].interval == timedelta(seconds=60)
+    assert schedules_for(None, None, "UTC") == []
+
+
+def test_bad_schedule_settings_are_refused_clearly() -> None:
+    with pytest.raises(FacemineError, match="invalid cron expression 'every day'"):
+        schedules_for("every day", None, "UTC")
+    with pytest.raises(ValidationError, match="unknown time zone 'Mars/Olympus'"):
+        ServeConfig(timezone="Mars/Olympus")
+    with pytest.raises(ValidationError, match="greater than or equal to 10"):
+        ServeConfig(mine_interval_seconds=1)
+
+
+def test_flows_refuse_bad_parameters_with_a_clear_message() -> None:
+    with pytest.raises(ParameterTypeError, match=r"shard_size: Input should be greater than or equal to 1"):
+        mine.validate_parameters({"folders": ["/photos"], "shard_size": 0})
+    with pytest.raises(ParameterTypeError, match=r"subset: String should have at least 1 character"):
+        mine.validate_parameters({"folders": ["/photos"], "subset": ""})
+    with pytest.raises(ParameterTypeError, match=r"config\.epochs: Input should be greater than or equal to 1"):
+        retrain.validate_parameters({"config": {"epochs": 0}})
+    with pytest.raises(ParameterTypeError, match=r"subsets"):
+        cluster.validate_parameters({"subsets": "not a list"})
+
+
+def test_serve_without_a_server_says_how_to_start_one(tmp_path: Path) -> None:
+    env = prefect_env(tmp_path / "prefect-home", api_url="")
+    del env["PREFECT_API_URL"], env["PREFECT_UI_API_URL"]
+    done = subprocess.run(
+        [sys.executable, "-m", "facemine_cli", "serve"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "PREFECT_API_URL" in message and "prefect server start --host 127.0.0.1" in message
+
+
+# ---- end to end: real server, `facemine serve`, scheduled mine ---------------------------------
+
+
+def link_lfw_photos(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for name in names:
+        link = folder / Path(name).name
+        link.symlink_to(DATA / "lfw" / name)
+        links.append(link)
+    return links
+
+
+FIRST_PHOTOS = ["images/Hans_Blix/Hans_Blix_0001.jpg", "images/Laura_Bush/Laura_Bush_0001.jpg",
+                "images/Tom_Ridge/Tom_Ridge_0001.jpg"]
+ADDED_PHOTOS = ["images/Serena_Williams/Serena_Williams_0001.jpg", "images/Jack_Straw/Jack_Straw_0001.jpg"]
+
+
+def processed_at(settings: Settings, subset: str) -> dict[str, object]:
+    with Store(settings).session() as session:
+        rows = session.execute(
+            select(Image.path, Image.processed_at).join(Subset, Subset.id == Image.subset_id).where(Subset.name == subset)
+        ).all()
+    return dict(rows)
+
+
+def completed_summaries(client, deployment_id) -> list[MineSummary]:  # noqa: ANN001
+    """Results of the deployment's completed runs, in the order they ran."""
+    runs = sorted((run for run in deployment_runs(client, deployment_id) if run.state.is_completed()),
+                  key=lambda run: run.start_time)
+    return [run.state.result() for run in runs]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_scheduled_mine_processes_only_photos_added_since_its_previous_run(tmp_path: Path) -> None:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    watch = tmp_path / "watched-photos"
+    link_lfw_photos(watch, FIRST_PHOTOS)
+    settings = Settings(data_dir=tmp_path / "facemine-data")
+    results = tmp_path / "flow-results"
+    with prefect_server(tmp_path) as (api_url, home):
+        env = prefect_env(
+            home,
+            api_url,
+            FACEMINE_DATA_DIR=str(settings.data_dir),
+            FACEMINE_SERVE__WATCH_FOLDERS=f'["{watch}"]',
+            FACEMINE_SERVE__WATCH_SUBSET="inbox",
+            FACEMINE_SERVE__MINE_INTERVAL_SECONDS=str(MINE_INTERVAL_SECONDS),
+            FACEMINE_SERVE__CLUSTER_CRON=NEVER_DURING_TESTS,
+            FACEMINE_SERVE__GPU_CONCURRENCY_LIMIT="2",
+            # Keep flow results (MineSummary) where this test can read them back.
+            PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+            PREFECT_LOCAL_STORAGE_PATH=str(results),
+        )
+        with facemine_serve(tmp_path, env) as serve_log, api_client(api_url) as client, \
+                temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: results}):
+            logs = [serve_log, tmp_path / "prefect-server.log"]
+            deployment = wait_for(lambda: _deployment(client, "mine/mine-watch"), 120, "deployment mine-watch", logs)
+
+            gpu_limit = client.read_global_concurrency_limit_by_name("facemine-gpu")
+            assert (gpu_limit.limit, gpu_limit.active) == (2, True)
+
+            with pytest.raises(Exception, match="shard_size") as refused:
+                client.create_flow_run_from_deployment(deployment.id, parameters={"folders": [str(watch)], "shard_size": 0})
+            assert "422" in str(refused.value) or "409" in str(refused.value)
+
+            first = wait_for(lambda: completed_summaries(client, deployment.id), RUN_TIMEOUT_SECONDS,
+                             "the first scheduled mine run to complete", logs)[0]
+            assert (first.photos_seen, first.photos_new, first.photos_unchanged) == (3, 3, 0), first
+            before = processed_at(settings, "inbox")
+            assert sorted(before) == sorted(str(watch / Path(name).name) for name in FIRST_PHOTOS)
+
+            link_lfw_photos(watch, ADDED_PHOTOS)
+            summaries = wait_for(
+                lambda: (s := completed_summaries(client, deployment.id)) and s[-1].photos_seen == 5 and s,
+                RUN_TIMEOUT_SECONDS, "a scheduled mine run that sees the added photos", logs,
+            )
+
+    seen_all = [summary for summary in summaries if summary.photos_seen == 5]
+    # The first run that saw the added photos mined exactly those; every run mined each photo once.
+    assert (seen_all[0].photos_new, seen_all[0].photos_unchanged) == (2, 3), seen_all[0]
+    assert sum(summary.photos_new for summary in summaries) == 5
+    after = processed_at(settings, "inbox")
+    assert len(after) == 5
+    assert {path: after[path] for path in before} == before, "photos mined before were processed again"
+
+
+def _deployment(client, name: str):  # noqa: ANN001, ANN202
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return None

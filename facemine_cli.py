@@ -182,7 +182,10 @@ def _print_loop(name: str, plot: Path | None = None) -> None:
     table = loop_table(_store(), name)
     if table.empty:
         raise FacemineError(f"loop {name!r} has no iterations yet: run `facemine loop run --name {name}`")
-    _print_table(table.round(4).to_dict("records"), title=f"closed loop {name!r}")
+    shown = table.drop(columns=["gate_metric", "gate_reason"]).round(4)
+    _print_table(shown.to_dict("records"), title=f"closed loop {name!r}, gate metric {table.gate_metric.iloc[-1]}")
+    for iteration, reason in zip(table.iteration, table.gate_reason):
+        print(f"iteration {iteration}: {reason}")
     if plot is not None:
         print(f"plot written to {plot_loop(table, plot, f'closed loop {name!r}')}")
 

@@ -141,21 +141,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="closed loop on CelebA (held-out: LFW pairs, unseen CelebA identities)")
     columns = ["iteration", "model", *REPORTED, "mined_bcubed_f", "identities", "churn", "promoted"]
-    for column in columns:
-        table.add_column(column.replace("verification_", "verif_").replace("clustering_", "heldout_"))
-    for row in report["iterations"]:
-        table.add_row(*("" if row.get(c) is None else f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c])
-                        for c in columns))
-    console = Console()
-    console.print(table)
+    table = pd.DataFrame(report["iterations"])[columns].rename(
+        columns=lambda name: name.replace("verification_", "lfw_").replace("clustering_", "heldout_celeba_")
+    )
+    print("closed loop on CelebA; held out: LFW pairs (lfw_*), CelebA identities never mined (heldout_celeba_*);")
+    print("mined_bcubed_f: the loop's own labelling of the mined photos against their CelebA labels\n")
+    print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}", na_rep="-"))
     for row in report["iterations"][1:]:
-        console.print(f"iteration {row['iteration']}: gate: {row['gate']}; seconds {row['seconds']}")
-    console.print({key: value for key, value in report.items() if key != "iterations"})
+        print(f"\niteration {row['iteration']}: {row['gate']}\n  seconds: {row['seconds']}")
+    summary = {key: value for key, value in report.items() if key not in ("iterations", "config")}
+    print("\n" + json.dumps(summary, indent=1, default=str))
 
 
 def main() -> None:

@@ -74,7 +74,8 @@ def run_sklearn_dbscan(vectors: np.ndarray) -> tuple[np.ndarray, float, float]:
     search = NearestNeighbors(n_neighbors=config.k, metric="cosine", algorithm="brute", n_jobs=-1).fit(vectors)
     distances = search.kneighbors_graph(mode="distance")
     knn_seconds = time.perf_counter() - started
-    labels = DBSCAN(eps=config.dbscan_eps, min_samples=config.dbscan_min_samples, metric="precomputed").fit_predict(distances)
+    dbscan = DBSCAN(eps=config.dbscan_eps, min_samples=config.dbscan_min_samples, metric="precomputed")
+    labels = dbscan.fit_predict(distances)
     return labels, knn_seconds, time.perf_counter() - started - knn_seconds
 
 
@@ -112,7 +113,10 @@ def measure(method: str, size: int) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'faces':>9} {'method':<15} {'kNN s':>8} {'cluster s':>10} {'total s':>8} {'peak MiB':>9} {'above data':>10} {'BCubed F':>9} {'pair F':>7}"
+    header = (
+        f"{'faces':>9} {'method':<15} {'kNN s':>8} {'cluster s':>10} {'total s':>8}"
+        f" {'peak MiB':>9} {'above data':>10} {'BCubed F':>9} {'pair F':>7}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -120,8 +124,9 @@ def print_table(rows: list[dict]) -> None:
             print(f"{row['size']:>9} {row['method']:<15} {row.get('skipped') or row['error']}")
             continue
         print(
-            f"{row['size']:>9} {row['method']:<15} {row['knn_s']:>8.1f} {row['cluster_s']:>10.1f} {row['total_s']:>8.1f}"
-            f" {row['peak_mib']:>9.0f} {row['peak_mib'] - row['data_mib']:>10.0f} {row['bcubed_f']:>9.3f} {row['pairwise_f']:>7.3f}"
+            f"{row['size']:>9} {row['method']:<15} {row['knn_s']:>8.1f} {row['cluster_s']:>10.1f}"
+            f" {row['total_s']:>8.1f} {row['peak_mib']:>9.0f} {row['peak_mib'] - row['data_mib']:>10.0f}"
+            f" {row['bcubed_f']:>9.3f} {row['pairwise_f']:>7.3f}"
         )
 
 
@@ -138,7 +143,8 @@ def main() -> None:
     for size in args.sizes:
         for method in METHODS:
             if method != "facemine" and size > args.baseline_max:
-                rows.append({"method": method, "size": size, "skipped": f"skipped (> --baseline-max {args.baseline_max})"})
+                skipped = f"skipped (> --baseline-max {args.baseline_max})"
+                rows.append({"method": method, "size": size, "skipped": skipped})
                 continue
             rows.append(measure(method, size))
             print(f"done: {method} on {size} faces", file=sys.stderr, flush=True)

@@ -84,12 +84,17 @@ def _deployment(
 
 
 def build_deployments(settings: Settings) -> ServePlan:
-    """The deployments `facemine serve` registers, from settings alone (no server needed)."""
+    """The deployments `facemine serve` registers, from settings alone (no server needed).
+
+    Raises FacemineError for a watch folder that does not exist or an invalid cron expression."""
     config = settings.serve
     deployments: list[RunnerDeployment] = []
     skipped: dict[str, str] = {}
     if config.watch_folders:
         folders = [str(Path(folder).expanduser().absolute()) for folder in config.watch_folders]
+        missing = [folder for folder in folders if not Path(folder).is_dir()]
+        if missing:
+            raise FacemineError(f"watch folder not found: {missing[0]} (settings.serve.watch_folders)")
         schedules = schedules_for(config.mine_cron, config.mine_interval_seconds, config.timezone)
         parameters = {"folders": folders, "subset": config.watch_subset}
         deployments.append(_deployment(mine, "mine-watch", schedules, parameters, SKIP_IF_RUNNING))
@@ -130,7 +135,8 @@ def server_api_url() -> str:
 
 
 def ui_url() -> str:
-    return PREFECT_UI_URL.value() or server_api_url().removesuffix("/api")
+    """Where the Prefect UI is (derived from PREFECT_API_URL unless PREFECT_UI_URL is set)."""
+    return PREFECT_UI_URL.value()
 
 
 def ensure_gpu_limit(limit: int) -> None:
@@ -148,8 +154,5 @@ def serve_deployments(plan: ServePlan, settings: Settings) -> None:
     """Register the deployments and run their flows until interrupted (schedules pause on exit).
 
     Needs a reachable server (`server_api_url` checks it with a clear message)."""
-    missing = [folder for folder in settings.serve.watch_folders if not Path(folder).expanduser().is_dir()]
-    if missing:
-        raise FacemineError(f"watch folder not found: {missing[0]}")
     ensure_gpu_limit(settings.serve.gpu_concurrency_limit)
     serve(*plan.deployments, print_starting_message=False)

@@ -91,7 +91,7 @@ def retrain(
     payload = settings_payload(settings)
     store = store_for(payload)
     gate = settings.gate
-    pairs_csv = validation_pairs or gate.validation_pairs
+    pairs_csv = str(Path(validation_pairs).resolve()) if validation_pairs else gate.validation_pairs
     export = registry.pick_export(store, export_id)
     _, base = current_embedder(payload)
     params = {
@@ -117,6 +117,9 @@ def retrain(
         evaluate_seconds = time.perf_counter() - started
         registry.update_model_metrics(store, model_id, candidate)
         passed, reason = gate_decision(candidate, current, gate.metric, gate.min_improvement)
+        if gate.metric not in candidate:
+            reason += (": give held-out data (gate.validation_pairs / gate.validation_truth, e.g. "
+                       "FACEMINE_GATE__VALIDATION_PAIRS=pairs.csv) or choose another gate.metric")
         promoted = registry.record_gate(store, model_id, passed, reason, promote)
         summary = {
             "training_run_id": run_id,

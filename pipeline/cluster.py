@@ -48,6 +48,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+# faiss must be loaded before infomap: both are SWIG modules, and when infomap comes first its
+# result iterators segfault inside faiss's SwigPyIterator (swig/swig#2913).
+import faiss  # noqa: F401
 import infomap
 import numpy as np
 from scipy.cluster.hierarchy import DisjointSet
@@ -137,7 +140,9 @@ def knn_graph(embeddings: np.ndarray, config: ClusterConfig) -> KnnGraph:
     return build_knn(embeddings, min(config.k, max(len(embeddings) - 1, 1)), config)
 
 
-def cluster(embeddings: np.ndarray, config: ClusterConfig = ClusterConfig(), graph: KnnGraph | None = None) -> np.ndarray:
+def cluster(
+    embeddings: np.ndarray, config: ClusterConfig = ClusterConfig(), graph: KnnGraph | None = None
+) -> np.ndarray:
     """Labels of one set of faces by ``config.method`` (-1 = noise); builds the k-NN graph unless given."""
     clusterer = get_clusterer(config.method)
     if len(embeddings) < 2:
@@ -271,7 +276,9 @@ def match_identities(
     return matches
 
 
-def _max_overlap_assignment(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, n_rows: int) -> list[tuple[int, int]]:
+def _max_overlap_assignment(
+    rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, n_rows: int
+) -> list[tuple[int, int]]:
     """Maximum-weight one-to-one matching, solved block by block of the bipartite overlap graph."""
     if len(rows) == 0:
         return []
@@ -317,7 +324,12 @@ class _Faces:
 
     @classmethod
     def build(
-        cls, embeddings: np.ndarray, photos: np.ndarray, subsets: np.ndarray, passed: np.ndarray, constraints: Constraints
+        cls,
+        embeddings: np.ndarray,
+        photos: np.ndarray,
+        subsets: np.ndarray,
+        passed: np.ndarray,
+        constraints: Constraints,
     ) -> _Faces:
         vectors = normalize(embeddings)
         n = len(vectors)
@@ -527,7 +539,8 @@ def _apply_must_links(labels: np.ndarray, faces: _Faces) -> np.ndarray:
     # Faces are nodes 0..n-1 and each cluster one node after them, so membership is an edge too.
     rows = np.concatenate([faces.must_link[:, 0], assigned])
     cols = np.concatenate([faces.must_link[:, 1], faces.n + labels[assigned]])
-    component = connected_components(coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_nodes, n_nodes)), directed=False)[1]
+    links = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_nodes, n_nodes))
+    component = connected_components(links, directed=False)[1]
     face_component = component[: faces.n]
     faces_in_component = np.bincount(face_component)
     return np.where((labels >= 0) | (faces_in_component[face_component] >= 2), face_component, UNASSIGNED)
@@ -592,7 +605,11 @@ def _add_locked_identities(labels: np.ndarray, faces: _Faces) -> tuple[np.ndarra
 
 
 def _inherited_keys(
-    labels: np.ndarray, keys: Mapping[int, Hashable | None], previous: Mapping[int, Hashable], faces: _Faces, min_overlap: float
+    labels: np.ndarray,
+    keys: Mapping[int, Hashable | None],
+    previous: Mapping[int, Hashable],
+    faces: _Faces,
+    min_overlap: float,
 ) -> dict[int, Hashable | None]:
     """Earlier identity key (or None) for every unlocked label, by face overlap."""
     locked_keys = set(keys.values())
@@ -621,7 +638,8 @@ def _graph_confidence(labels: np.ndarray, graphs: list[tuple[np.ndarray, KnnGrap
         own = labels[members]
         same = (neighbours != MISSING) & (labels[np.maximum(neighbours, 0)] == own[:, None]) & (own[:, None] >= 0)
         total = weight.sum(axis=1)
-        confidence[members] = np.divide((weight * same).sum(axis=1), total, out=np.zeros_like(total, np.float64), where=total > 0)
+        own_weight = (weight * same).sum(axis=1)
+        confidence[members] = np.divide(own_weight, total, out=np.zeros_like(total, np.float64), where=total > 0)
     confidence[labels < 0] = 0.0
     return confidence
 
@@ -641,8 +659,11 @@ def _attach(
     best, runner_up = nearest.similarities[:, 0], nearest.similarities[:, 1]
     best_label = used[nearest.indices[:, 0]]
     locked = np.isin(best_label, labels[faces.fixed])
-    rejected = np.array([(int(face), keys.get(int(label))) in faces.rejected for face, label in zip(candidates, best_label)], bool)
-    confident = (best >= config.attach_min_similarity) & (best - runner_up >= config.attach_margin) & ~locked & ~rejected
+    rejected = np.array(
+        [(int(face), keys.get(int(label))) in faces.rejected for face, label in zip(candidates, best_label)], bool
+    )
+    close = (best >= config.attach_min_similarity) & (best - runner_up >= config.attach_margin)
+    confident = close & ~locked & ~rejected
     floor = config.min_similarity
     own, other = best[confident] - floor, np.maximum(runner_up[confident] - floor, 0.0)
     return candidates[confident], best_label[confident], own / (own + other)

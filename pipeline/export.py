@@ -45,7 +45,9 @@ def plan_export(faces: pd.DataFrame, config: ExportConfig) -> tuple[pd.DataFrame
     duplicates = assigned[assigned.duplicate_of.notna() & assigned.identity.isin(kept.identity)].copy()
     duplicates["split"] = "duplicate"
     manifest = pd.concat([kept, duplicates]).sort_values(["identity", "face_id"]).reset_index(drop=True)
-    manifest["folder"] = [safe_folder_name(i, n) for i, n in zip(manifest.identity, manifest.identity_name)]
+    # Unnamed identities come out of the name join as NaN, not None.
+    names = [name if isinstance(name, str) else None for name in manifest.identity_name]
+    manifest["folder"] = [safe_folder_name(i, n) for i, n in zip(manifest.identity, names)]
     manifest["chip_path"] = np.where(
         manifest.split == "duplicate", "", manifest.folder + "/" + manifest.face_id.astype(str) + ".png"
     )

@@ -136,7 +136,10 @@ def _use_gpu(device: str) -> bool:
 
 
 def _drop_self(graph: KnnGraph) -> KnnGraph:
-    """Remove each row's own index; rows that did not find themselves (exact duplicates, IVF misses) lose their last slot."""
+    """Remove each row's own index.
+
+    Rows that did not find themselves (exact duplicates listed first, IVF misses) lose their last slot.
+    """
     n, searched = graph.indices.shape
     is_self = graph.indices == np.arange(n)[:, None]
     drop = is_self.copy()

@@ -151,7 +151,7 @@ def check_input_range(inputs: Tensor, preprocessing: Preprocessing) -> None:
     """Fail fast when the module is not fed what its preprocessing produces from 0..255 pixels.
 
     Catches NaN, values outside [(0 - mean) / std, (255 - mean) / std], and batches spanning
-    under a tenth of that range (pixels scaled to 0..1 for a model that expects 0..255).
+    under a twentieth of that range (pixels scaled to 0..1 for a model that expects 0..255).
     """
     mean = torch.tensor(preprocessing.mean)
     std = torch.tensor(preprocessing.std)
@@ -160,7 +160,7 @@ def check_input_range(inputs: Tensor, preprocessing: Preprocessing) -> None:
         raise ValueError("model input contains NaN or infinity")
     smallest, largest = (float(value) for value in torch.aminmax(inputs.detach()))
     tolerance = 1e-3 * (high - low)
-    if smallest < low - tolerance or largest > high + tolerance or largest - smallest < 0.1 * (high - low):
+    if smallest < low - tolerance or largest > high + tolerance or largest - smallest < 0.05 * (high - low):
         raise ValueError(
             f"model input spans [{smallest:.4g}, {largest:.4g}] but its preprocessing "
             f"(mean {preprocessing.mean}, std {preprocessing.std}) maps pixels to [{low:.4g}, {high:.4g}]: "

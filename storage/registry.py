@@ -161,7 +161,8 @@ def models_table(store: Store) -> pd.DataFrame:
     )
     with store.session() as session:
         rows = session.execute(query).mappings().all()
-    return pd.DataFrame(rows, columns=[c.key for c in query.selected_columns])
+    table = pd.DataFrame(rows, columns=[c.key for c in query.selected_columns])
+    return table.astype({"parent_id": "Int64", "training_run_id": "Int64", "export_id": "Int64"})
 
 
 # ---- closed-loop iterations ---------------------------------------------------------------------

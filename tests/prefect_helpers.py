@@ -22,6 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_SECONDS = 180
+# A cron that never comes due while a test runs: keeps the scheduled cluster out of the way.
+NEVER_DURING_TESTS = "0 0 1 1 *"
 T = TypeVar("T")
 
 
@@ -99,7 +101,8 @@ def prefect_server(folder: Path) -> Iterator[tuple[str, Path]]:
     api_url = f"http://127.0.0.1:{port}/api"
     home = folder / "prefect-home"
     log = folder / "prefect-server.log"
-    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    command = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     process = _start(command, prefect_env(home, api_url), log, folder)
     try:
         wait_for(
@@ -133,6 +136,16 @@ def api_client(api_url: str):  # noqa: ANN201 - prefect SyncPrefectClient
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         yield client
+
+
+def read_deployment(client, name: str):  # noqa: ANN001, ANN201 - prefect DeploymentResponse | None
+    """The deployment "flow/deployment", or None until `facemine serve` has registered it."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return None
 
 
 def deployment_runs(client, deployment_id) -> list:  # noqa: ANN001

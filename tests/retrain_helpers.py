@@ -1,7 +1,12 @@
-"""Small real held-out sets and a prepared store for the retraining and closed-loop tests."""
+"""A small real held-out set and a prepared store for the retraining and closed-loop tests.
+
+Prepared once per test session (mined LFW store, clustered, exported, held-out faces detected)
+and copied per test, like `review_helpers.mined_store_copy`.
+"""
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -10,10 +15,18 @@ from review_helpers import LFW, PEOPLE, mined_store_copy
 
 from pipeline.config import TrainConfig
 from storage.settings import Settings
+from storage.store import Store
 
 # Every n-th LFW pair of each kind: about 15 same- and 15 different-person pairs.
 PAIR_STRIDE = 75
 TRUTH_PEOPLE, TRUTH_PHOTOS = 4, 4
+
+
+@dataclass(frozen=True)
+class Prepared:
+    data_dir: Path
+    pairs: Path  # held-out verification pairs CSV
+    truth: Path  # held-out labelled photos CSV
 
 
 def write_holdout_csvs(folder: Path) -> tuple[Path, Path]:
@@ -36,36 +49,39 @@ def write_holdout_csvs(folder: Path) -> tuple[Path, Path]:
     return folder / "pairs.csv", folder / "labels.csv"
 
 
-def small_train_config(**changes: object) -> TrainConfig:
-    """One CPU-sized epoch: only the last tenth of the parameter tensors train."""
-    return TrainConfig(epochs=1, freeze_fraction=0.9, batch_size=16, warmup_epochs=0, num_workers=0, **changes)
-
-
-def prepared_store(factory: pytest.TempPathFactory, name: str, pairs: Path, truth: Path) -> Settings:
-    """The session's mined LFW store (8 people x 8 photos), clustered, exported once, and with the
-    held-out faces already detected (cached in its data folder)."""
+def prepared_store(factory: pytest.TempPathFactory) -> Prepared:
+    """The session's mined LFW store (8 people x 8 photos), clustered and exported once, with the
+    held-out faces already detected (cached in its data folder). Needs the Prefect harness."""
     from flows.cluster import run_cluster
     from flows.holdout import load_holdout
     from storage.exports import export_dataset
-    from storage.store import Store
 
-    settings = mined_store_copy(factory, name)
-    store = Store(settings)
-    run_cluster(store, settings)
-    export_dataset(store, "faces", settings.export)
-    load_holdout(settings, str(pairs), str(truth))
-    return settings
-
-
-def use_store(monkeypatch: pytest.MonkeyPatch, settings: Settings, pairs: Path, truth: Path, **gate: str) -> None:
-    """Point flows (which read Settings() from the environment) at `settings`' data folder and the held-out CSVs."""
-    monkeypatch.setenv("FACEMINE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("FACEMINE_GATE__VALIDATION_PAIRS", str(pairs))
-    monkeypatch.setenv("FACEMINE_GATE__VALIDATION_TRUTH", str(truth))
-    for name, value in gate.items():
-        monkeypatch.setenv(f"FACEMINE_GATE__{name.upper()}", value)
+    root = factory.getbasetemp() / "retrain-prepared"
+    prepared = Prepared(root / "data", root / "holdout" / "pairs.csv", root / "holdout" / "labels.csv")
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        write_holdout_csvs(root / "holdout")
+        settings = mined_store_copy(factory, "retrain-mined")
+        shutil.move(settings.data_dir, prepared.data_dir)
+        settings = Settings(data_dir=prepared.data_dir)
+        store = Store(settings)
+        run_cluster(store, settings)
+        export_dataset(store, "faces", settings.export)
+        load_holdout(settings, str(prepared.pairs), str(prepared.truth))
+        (root / "done").touch()
+    return prepared
 
 
-def copy_store(source: Settings, target: Path) -> Settings:
-    shutil.copytree(source.data_dir, target)
-    return Settings(data_dir=target)
+def store_copy(prepared: Prepared, target: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """A copy of the prepared store that flows (which read Settings() from the environment) use,
+    with the held-out CSVs as validation data."""
+    shutil.copytree(prepared.data_dir, target)
+    monkeypatch.setenv("FACEMINE_DATA_DIR", str(target))
+    monkeypatch.setenv("FACEMINE_GATE__VALIDATION_PAIRS", str(prepared.pairs))
+    monkeypatch.setenv("FACEMINE_GATE__VALIDATION_TRUTH", str(prepared.truth))
+    return Store(Settings())
+
+
+def small_train_config(**changes: object) -> TrainConfig:
+    """One CPU-sized epoch: only the last tenth of the parameter tensors train."""
+    return TrainConfig(epochs=1, freeze_fraction=0.9, batch_size=16, warmup_epochs=0, num_workers=0, **changes)

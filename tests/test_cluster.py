@@ -5,6 +5,10 @@ real faces is measured by benchmarks/cluster_quality.py and the real-photo integ
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from test_graph import sphere_clusters
@@ -15,6 +19,7 @@ from pipeline.errors import FacemineError
 from pipeline.evaluate import clustering_metrics
 
 PER_IDENTITY = 20
+REPO = Path(__file__).resolve().parents[1]
 
 
 def identities(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +45,19 @@ def test_every_clusterer_recovers_separated_identities(method: str) -> None:
 
     assert labels.shape == truth.shape
     assert clustering_metrics(truth, labels)["bcubed_f"] > 0.9
+
+
+def test_infomap_works_when_pipeline_cluster_is_the_first_import() -> None:
+    # Regression: infomap loaded before faiss made its result iterators segfault (two SWIG modules).
+    script = (
+        "import numpy as np; from pipeline.cluster import cluster; "
+        "x = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0) + 0.01 * np.arange(20)[:, None]; "
+        "print(len(set(cluster(x).tolist())))"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "4"
 
 
 def test_unknown_method_is_a_clear_error() -> None:

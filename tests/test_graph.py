@@ -15,7 +15,8 @@ def sphere_clusters(n_centres: int, per_centre: int, dim: int = 64, noise: float
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_centres, dim))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    points = np.repeat(centres, per_centre, axis=0) + noise * rng.normal(size=(n_centres * per_centre, dim)) / np.sqrt(dim)
+    offsets = noise * rng.normal(size=(n_centres * per_centre, dim)) / np.sqrt(dim)
+    points = np.repeat(centres, per_centre, axis=0) + offsets
     return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
 
 

@@ -23,7 +23,8 @@ from storage.exports import export_dataset
 from storage.settings import Settings
 from storage.store import Store
 
-pytestmark = pytest.mark.slow
+# Mining all 8,658 LFW photos on 2 CPU cores takes 10-20 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 LFW = DATA / "lfw"
 SFACE_SAME_PERSON_THRESHOLD = 0.363  # OpenCV's published cosine threshold for SFace
 

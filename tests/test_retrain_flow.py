@@ -4,34 +4,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from retrain_helpers import copy_store, prepared_store, small_train_config, use_store, write_holdout_csvs
+from retrain_helpers import Prepared, prepared_store, small_train_config, store_copy
 
 from facemine_cli import main
 from pipeline.embed import create_embedder
 from pipeline.errors import FacemineError
 from storage import registry
 from storage.holdout import HoldoutCache
-from storage.settings import Settings
 from storage.store import Store
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def holdout_csvs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_holdout_csvs(tmp_path_factory.mktemp("holdout"))
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory, holdout_csvs, prefect_harness) -> Settings:  # noqa: ANN001
-    return prepared_store(tmp_path_factory, "retrain-template", *holdout_csvs)
+def prepared(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Prepared:  # noqa: ANN001
+    return prepared_store(tmp_path_factory)
 
 
 @pytest.fixture
-def store(template: Settings, holdout_csvs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:  # noqa: ANN001
-    settings = copy_store(template, tmp_path / "data")
-    use_store(monkeypatch, settings, *holdout_csvs)
-    return Store(settings)
+def store(prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    return store_copy(prepared, tmp_path / "data", monkeypatch)
 
 
 def test_retrain_registers_candidate_with_lineage_and_applies_the_gate(store: Store) -> None:
@@ -89,12 +81,12 @@ def test_candidate_not_beating_current_by_the_margin_is_kept_not_promoted(
     assert "verification_accuracy" in registry.model_record(store, base.id)["metrics"]
 
 
-def test_held_out_faces_are_detected_once_and_cached(store: Store, holdout_csvs) -> None:  # noqa: ANN001
+def test_held_out_faces_are_detected_once_and_cached(store: Store, prepared: Prepared) -> None:
     cached = sorted(path.name for path in HoldoutCache(store.data_dir).root.iterdir())
     assert len(cached) == 1 and cached[0].endswith(".faces.npz")
     from flows.holdout import load_holdout
 
-    holdout = load_holdout(store.settings, *map(str, holdout_csvs))
+    holdout = load_holdout(store.settings, str(prepared.pairs), str(prepared.truth))
     assert holdout.found.mean() > 0.9  # LFW photos are centred faces
     assert sorted(path.name for path in HoldoutCache(store.data_dir).root.iterdir()) == cached
 

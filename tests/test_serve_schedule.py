@@ -2,19 +2,28 @@
 with a real Prefect server, a scheduled mine that processes only the photos added since its last run."""
 from __future__ import annotations
 
-import subprocess
-import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
-from prefect.exceptions import ParameterTypeError
-from prefect_helpers import api_client, deployment_runs, facemine_serve, prefect_env, prefect_server, wait_for
+from prefect.exceptions import ParameterTypeError, PrefectHTTPStatusError
+from prefect_helpers import (
+    NEVER_DURING_TESTS,
+    api_client,
+    deployment_runs,
+    facemine_serve,
+    free_port,
+    prefect_env,
+    prefect_server,
+    read_deployment,
+    wait_for,
+)
 from pydantic import ValidationError
 from sqlalchemy import select
 
 from conftest import DATA
+from facemine_cli import main
 from flows.cluster import cluster
 from flows.mine import MineSummary, mine
 from flows.serve import build_deployments, describe_schedule, schedules_for
@@ -25,10 +34,10 @@ from storage.schema import Image, Subset
 from storage.settings import ServeConfig, Settings
 from storage.store import Store
 
-# A cron that never comes due while a test runs: keeps the scheduled cluster out of the way.
-NEVER_DURING_TESTS = "0 0 1 1 *"
 MINE_INTERVAL_SECONDS = 20
 RUN_TIMEOUT_SECONDS = 300
+FIRST_PHOTOS = ["Hans_Blix/Hans_Blix_0001.jpg", "Laura_Bush/Laura_Bush_0001.jpg", "Tom_Ridge/Tom_Ridge_0001.jpg"]
+ADDED_PHOTOS = ["Serena_Williams/Serena_Williams_0001.jpg", "Jack_Straw/Jack_Straw_0001.jpg"]
 
 
 def by_name(settings: Settings) -> dict:
@@ -36,6 +45,7 @@ def by_name(settings: Settings) -> dict:
 
 
 def test_deployments_carry_schedules_and_parameters_from_settings(tmp_path: Path) -> None:
+    (tmp_path / "inbox").mkdir()
     settings = Settings(
         data_dir=tmp_path / "data",
         serve=ServeConfig(
@@ -67,7 +77,6 @@ def test_deployments_carry_schedules_and_parameters_from_settings(tmp_path: Path
         # The UI's run form starts from the configured training parameters.
         assert deployment.parameters["config"] == settings.train.model_dump(mode="json")
         assert deployment.enforce_parameter_schema
-    assert deployments["retrain"].parameter_openapi_schema == retrain.parameters
     assert [describe_schedule(d) for d in deployments.values()] == [
         "every 600 s", "cron 30 2 * * * (Europe/Paris)", "launched by hand (UI or API)", "launched by hand (UI or API)",
     ]
@@ -85,9 +94,11 @@ def test_cron_wins_over_interval_and_neither_means_no_schedule() -> None:
     assert schedules_for(None, None, "UTC") == []
 
 
-def test_bad_schedule_settings_are_refused_clearly() -> None:
+def test_bad_serve_settings_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(FacemineError, match="invalid cron expression 'every day'"):
         schedules_for("every day", None, "UTC")
+    with pytest.raises(FacemineError, match=f"watch folder not found: {tmp_path / 'gone'}"):
+        build_deployments(Settings(data_dir=tmp_path, serve=ServeConfig(watch_folders=[str(tmp_path / "gone")])))
     with pytest.raises(ValidationError, match="unknown time zone 'Mars/Olympus'"):
         ServeConfig(timezone="Mars/Olympus")
     with pytest.raises(ValidationError, match="greater than or equal to 10"):
@@ -105,50 +116,40 @@ def test_flows_refuse_bad_parameters_with_a_clear_message() -> None:
         cluster.validate_parameters({"subsets": "not a list"})
 
 
-def test_serve_without_a_server_says_how_to_start_one(tmp_path: Path) -> None:
-    env = prefect_env(tmp_path / "prefect-home", api_url="")
-    del env["PREFECT_API_URL"], env["PREFECT_UI_API_URL"]
-    done = subprocess.run(
-        [sys.executable, "-m", "facemine_cli", "serve"], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2
-    message = done.stderr.strip()
-    assert len(message.splitlines()) == 1, message
-    assert "PREFECT_API_URL" in message and "prefect server start --host 127.0.0.1" in message
+def test_serve_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    nobody_listens = f"http://127.0.0.1:{free_port()}/api"
+    for api_url, problem in ((None, "PREFECT_API_URL is not set"), (nobody_listens, "no Prefect server answers")):
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            assert main(["serve"]) == 2
+        message = capsys.readouterr().err.strip()
+        assert len(message.splitlines()) == 1, message
+        assert problem in message and "prefect server start --host 127.0.0.1" in message, message
 
 
 # ---- end to end: real server, `facemine serve`, scheduled mine ---------------------------------
 
 
-def link_lfw_photos(folder: Path, names: list[str]) -> list[Path]:
+def link_lfw_photos(folder: Path, names: list[str]) -> list[str]:
+    """Symlinks in `folder` to LFW photos; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    links = []
     for name in names:
-        link = folder / Path(name).name
-        link.symlink_to(DATA / "lfw" / name)
-        links.append(link)
-    return links
+        (folder / Path(name).name).symlink_to(DATA / "lfw" / "images" / name)
+    return [str(folder / Path(name).name) for name in names]
 
 
-FIRST_PHOTOS = ["images/Hans_Blix/Hans_Blix_0001.jpg", "images/Laura_Bush/Laura_Bush_0001.jpg",
-                "images/Tom_Ridge/Tom_Ridge_0001.jpg"]
-ADDED_PHOTOS = ["images/Serena_Williams/Serena_Williams_0001.jpg", "images/Jack_Straw/Jack_Straw_0001.jpg"]
-
-
-def processed_at(settings: Settings, subset: str) -> dict[str, object]:
+def processed_at(settings: Settings, subset: str) -> dict[str, datetime]:
+    """When each photo of `subset` was last mined."""
+    query = select(Image.path, Image.processed_at).join(Subset, Subset.id == Image.subset_id)
     with Store(settings).session() as session:
-        rows = session.execute(
-            select(Image.path, Image.processed_at).join(Subset, Subset.id == Image.subset_id).where(Subset.name == subset)
-        ).all()
-    return dict(rows)
+        return dict(session.execute(query.where(Subset.name == subset)).all())
 
 
 def completed_summaries(client, deployment_id) -> list[MineSummary]:  # noqa: ANN001
     """Results of the deployment's completed runs, in the order they ran."""
-    runs = sorted((run for run in deployment_runs(client, deployment_id) if run.state.is_completed()),
-                  key=lambda run: run.start_time)
-    return [run.state.result() for run in runs]
+    runs = [run for run in deployment_runs(client, deployment_id) if run.state.is_completed()]
+    return [run.state.result() for run in sorted(runs, key=lambda run: run.start_time)]
 
 
 @pytest.mark.e2e
@@ -157,7 +158,8 @@ def test_scheduled_mine_processes_only_photos_added_since_its_previous_run(tmp_p
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     watch = tmp_path / "watched-photos"
-    link_lfw_photos(watch, FIRST_PHOTOS)
+    first_paths = link_lfw_photos(watch, FIRST_PHOTOS)
+    total = len(FIRST_PHOTOS) + len(ADDED_PHOTOS)
     settings = Settings(data_dir=tmp_path / "facemine-data")
     results = tmp_path / "flow-results"
     with prefect_server(tmp_path) as (api_url, home):
@@ -177,40 +179,34 @@ def test_scheduled_mine_processes_only_photos_added_since_its_previous_run(tmp_p
         with facemine_serve(tmp_path, env) as serve_log, api_client(api_url) as client, \
                 temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: results}):
             logs = [serve_log, tmp_path / "prefect-server.log"]
-            deployment = wait_for(lambda: _deployment(client, "mine/mine-watch"), 120, "deployment mine-watch", logs)
+            deployment = wait_for(lambda: read_deployment(client, "mine/mine-watch"), 120, "mine-watch", logs)
 
             gpu_limit = client.read_global_concurrency_limit_by_name("facemine-gpu")
             assert (gpu_limit.limit, gpu_limit.active) == (2, True)
 
-            with pytest.raises(Exception, match="shard_size") as refused:
-                client.create_flow_run_from_deployment(deployment.id, parameters={"folders": [str(watch)], "shard_size": 0})
-            assert "422" in str(refused.value) or "409" in str(refused.value)
+            # The server checks parameters against the flow's typed signature.
+            refusal = "field 'shard_size'. Failure reason: 0 is less than the minimum of 1"
+            with pytest.raises(PrefectHTTPStatusError, match=refusal):
+                client.create_flow_run_from_deployment(deployment.id, parameters={"folders": [], "shard_size": 0})
 
             first = wait_for(lambda: completed_summaries(client, deployment.id), RUN_TIMEOUT_SECONDS,
                              "the first scheduled mine run to complete", logs)[0]
-            assert (first.photos_seen, first.photos_new, first.photos_unchanged) == (3, 3, 0), first
+            assert first.photos_seen == first.photos_new == len(FIRST_PHOTOS) and first.photos_unchanged == 0, first
             before = processed_at(settings, "inbox")
-            assert sorted(before) == sorted(str(watch / Path(name).name) for name in FIRST_PHOTOS)
+            assert sorted(before) == sorted(first_paths)
 
-            link_lfw_photos(watch, ADDED_PHOTOS)
+            # Added in one atomic rename, so no run sees only some of them.
+            link_lfw_photos(tmp_path / "staging" / "added", ADDED_PHOTOS)
+            (tmp_path / "staging" / "added").rename(watch / "added")
             summaries = wait_for(
-                lambda: (s := completed_summaries(client, deployment.id)) and s[-1].photos_seen == 5 and s,
+                lambda: (done := completed_summaries(client, deployment.id)) and done[-1].photos_seen == total and done,
                 RUN_TIMEOUT_SECONDS, "a scheduled mine run that sees the added photos", logs,
             )
 
-    seen_all = [summary for summary in summaries if summary.photos_seen == 5]
-    # The first run that saw the added photos mined exactly those; every run mined each photo once.
-    assert (seen_all[0].photos_new, seen_all[0].photos_unchanged) == (2, 3), seen_all[0]
-    assert sum(summary.photos_new for summary in summaries) == 5
+    seen_all = [summary for summary in summaries if summary.photos_seen == total]
+    # The first run that saw the added photos mined exactly those; every photo was mined once.
+    assert (seen_all[0].photos_new, seen_all[0].photos_unchanged) == (len(ADDED_PHOTOS), len(FIRST_PHOTOS))
+    assert sum(summary.photos_new for summary in summaries) == total
     after = processed_at(settings, "inbox")
-    assert len(after) == 5
+    assert len(after) == total
     assert {path: after[path] for path in before} == before, "photos mined before were processed again"
-
-
-def _deployment(client, name: str):  # noqa: ANN001, ANN202
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return client.read_deployment_by_name(name)
-    except ObjectNotFound:
-        return None

@@ -1,0 +1,296 @@
+"""The review app driven by Textual's Pilot: keys in, store state out (real LFW faces)."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from review_helpers import Scenario, add_face_copies, make_run, mined_store_copy, scenario_run
+from textual.pilot import Pilot
+from textual.widgets import Static
+
+from labeling.actions import Labeler
+from labeling.app import FaceCell, ReviewApp
+from labeling.queue import MERGE, QueueConfig, QueueItem
+from labeling.thumbnails import Thumbnails
+from storage import decisions
+from storage.identities import face_table, identity_rows
+from storage.store import Store
+
+SCREEN = (160, 50)
+# Every unnamed identity of 2+ faces is an item, so each one can be reached.
+EVERY_IDENTITY = QueueConfig(unnamed_min_faces=2)
+
+
+@pytest.fixture
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return Store(mined_store_copy(tmp_path_factory, "review-app"))
+
+
+@pytest.fixture
+def scenario(store: Store) -> Scenario:
+    return scenario_run(store)
+
+
+def make_app(store: Store, config: QueueConfig = EVERY_IDENTITY) -> ReviewApp:
+    return ReviewApp(store, Labeler(store, who="pilot"), Thumbnails(store.chips), config)
+
+
+def drive(app: ReviewApp, script: Callable[[Pilot], object]) -> None:
+    """Run `script(pilot)` against the app once its first item is on screen."""
+
+    async def main() -> None:
+        async with app.run_test(size=SCREEN) as pilot:
+            for _ in range(50):
+                if app.view is not None or app.index >= len(app.queue.items):
+                    break
+                await pilot.pause(0.05)
+            await script(pilot)
+
+    asyncio.run(main())
+
+
+async def go_to(pilot: Pilot, wanted: Callable[[QueueItem], bool]) -> None:
+    """Press tab until the item on screen is the wanted one."""
+    app = pilot.app
+    for _ in range(len(app.queue.items)):
+        if app.item is not None and wanted(app.item):
+            return
+        await pilot.press("tab")
+    raise AssertionError("item not in the queue")
+
+
+async def type_text(pilot: Pilot, text: str) -> None:
+    await pilot.press(*["space" if char == " " else char for char in text])
+
+
+def members(store: Store, identity: int) -> list[int]:
+    return decisions.identity_faces(store, decisions_run(store), identity)
+
+
+def decisions_run(store: Store) -> int:
+    from storage.identities import latest_run_id
+
+    return latest_run_id(store)
+
+
+def screen_text(app: ReviewApp, widget_id: str) -> str:
+    return str(app.query_one(widget_id, Static).content)
+
+
+def test_split_off_the_preselected_mode(store, scenario):
+    app = make_app(store)
+    people = list(scenario.people.values())
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.mixed)
+        assert app.item.kind == "mixed" and "two modes" in app.item.reason
+        await pilot.press("s")
+
+    drive(app, script)
+    (split,) = decisions.history(store)
+    (new,) = split.created_identities
+    parts = {frozenset(members(store, new)), frozenset(members(store, scenario.mixed))}
+    assert parts == {frozenset(people[0]), frozenset(people[1])}
+
+
+def test_reject_the_preselected_intruder(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.intruded)
+        assert app.view.selected == {scenario.intruder}
+        assert app.view.faces[0] == scenario.intruder  # suspects first
+        await pilot.press("r")
+        assert "9 faces" not in screen_text(app, "#progress")
+
+    drive(app, script)
+    assert scenario.intruder not in members(store, scenario.intruded)
+    assert (scenario.intruder, scenario.intruded) in decisions.load_review_state(store).rejected
+
+
+def test_merge_with_the_suggested_identity(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.kind == MERGE and {item.identity_id, item.other_id} == set(scenario.halves))
+        assert app.view.suggestions[0][0] == app.item.other_id
+        await pilot.press("m")
+
+    drive(app, script)
+    rows = identity_rows(store, scenario.halves).set_index("identity_id")
+    assert sorted(rows.status) == ["active", "merged"]
+    assert len(members(store, int(rows.index[rows.status == "active"][0]))) == 8
+
+
+def test_choose_another_suggestion_by_number(store, scenario):
+    app = make_app(store)
+    chosen = {}
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.pure and item.kind != MERGE)
+        chosen["id"] = app.view.suggestions[2][0]
+        await pilot.press("3")
+        assert app.view.highlighted == 2
+        await pilot.press("m")
+
+    drive(app, script)
+    merged = identity_rows(store, [scenario.pure, chosen["id"]]).set_index("identity_id")
+    assert "merged" in set(merged.status) and "active" in set(merged.status)
+
+
+def test_name_through_the_prompt(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.pure)
+        await pilot.press("n")
+        await type_text(pilot, "Jack Straw")
+        await pilot.press("enter")
+
+    drive(app, script)
+    assert identity_rows(store, [scenario.pure]).name.iloc[0] == "Jack Straw"
+    assert all(decisions.load_review_state(store).pinned[f] == scenario.pure for f in members(store, scenario.pure))
+
+
+def test_escape_cancels_the_prompt(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await pilot.press("n")
+        await type_text(pilot, "Nobody")
+        await pilot.press("escape", "a")
+
+    drive(app, script)
+    assert [record.action for record in decisions.history(store)] == ["accept"]
+    assert identity_rows(store).name.isna().all()
+
+
+def test_move_through_the_prompt(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.intruded)
+        await pilot.press("v")
+        await type_text(pilot, str(scenario.rest_of_intruder))
+        await pilot.press("enter")
+
+    drive(app, script)
+    assert scenario.intruder in members(store, scenario.rest_of_intruder)
+
+
+def test_not_a_face_under_the_cursor_then_undo(store, scenario):
+    app = make_app(store)
+    marked = {}
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.pure)
+        await pilot.press("right", "right", "down", "left")
+        columns = app.grid_shape()[0]
+        assert app.view.cursor == columns + 1
+        marked["face"] = app.view.faces[app.view.cursor]
+        await pilot.press("x")
+        assert marked["face"] in decisions.load_review_state(store).excluded
+        assert marked["face"] not in app.view.faces
+        await pilot.press("u")
+        assert marked["face"] in app.view.faces
+
+    drive(app, script)
+    assert marked["face"] in members(store, scenario.pure)
+    assert not decisions.load_review_state(store).excluded
+    assert [record.action for record in decisions.history(store)] == ["undo", "not_a_face"]
+
+
+def test_select_then_split_and_lock(store, scenario):
+    app = make_app(store)
+    picked = []
+
+    async def script(pilot: Pilot) -> None:
+        await go_to(pilot, lambda item: item.identity_id == scenario.pure)
+        await pilot.press("c", "space", "right", "right", "space")
+        picked.extend(sorted(app.view.selected))
+        assert len(picked) == 2
+        await pilot.press("s")
+        await pilot.press("L")
+
+    drive(app, script)
+    assert scenario.pure in decisions.load_review_state(store).locked
+    split = next(r for r in decisions.history(store) if r.action == "split")
+    assert members(store, split.created_identities[0]) == picked
+
+
+def test_skip_accept_and_progress(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        total = len(app.queue.items)
+        assert screen_text(app, "#progress").startswith(f"item 1/{total} · 0 decisions")
+        first = app.item
+        await pilot.press("full_stop")
+        assert app.index == 1 and screen_text(app, "#progress").startswith(f"item 2/{total}")
+        await pilot.press("shift+tab")
+        assert app.item == first
+        await pilot.press("a")
+        assert screen_text(app, "#progress").startswith(f"item 2/{total} · 1 decision ")
+        assert "accepted" in screen_text(app, "#status")
+
+    drive(app, script)
+    (record,) = decisions.history(store)
+    assert record.action == "accept" and record.who == "pilot"
+
+
+def test_errors_show_in_the_status_line(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await pilot.press("c", "s")  # split with nothing selected
+        assert "select the faces" in screen_text(app, "#status")
+        await pilot.press("v", "9", "9", "9", "9", "enter")
+        assert "identity 9999 does not exist" in screen_text(app, "#status")
+
+    drive(app, script)
+    assert decisions.history(store) == []
+
+
+def test_fifty_items_with_single_keystrokes(store):
+    """One identity per face: every face is an item, so a reviewer can clear 50 with 50 keys."""
+    faces = face_table(store).face_id.tolist()
+    make_run(store, [[face] for face in faces])
+    app = make_app(store, QueueConfig(unnamed_min_faces=1))
+    visited = []
+
+    async def script(pilot: Pilot) -> None:
+        assert len(app.queue.items) >= 50
+        for _ in range(50):
+            item = app.item
+            visited.append(app.index)
+            await pilot.press("m" if item.kind == MERGE else "a")
+            assert app.index > visited[-1]
+        assert screen_text(app, "#progress").startswith(f"item {app.index + 1}/{len(app.queue.items)} · 50 decisions")
+
+    drive(app, script)
+    history = decisions.history(store)
+    assert len(history) == 50 and {r.action for r in history} <= {"accept", "merge"}
+    assert any(r.action == "merge" for r in history) and any(r.action == "accept" for r in history)
+
+
+def test_an_identity_of_a_thousand_faces_is_paged(store):
+    copies = add_face_copies(store, 1200)
+    everyone = face_table(store).face_id.tolist()
+    _, (big,) = make_run(store, [everyone])
+    app = make_app(store, QueueConfig())
+
+    async def script(pilot: Pilot) -> None:
+        assert app.view.identity.id == big and len(app.view.faces) == len(everyone)
+        on_screen = len(app.query_one("#grid").query(FaceCell))
+        assert 0 < on_screen == app.page_size < 100
+        await pilot.press("pagedown")
+        assert app.page == 1 and app.view.cursor == app.page_size
+        assert [cell.face_id for cell in app.query_one("#grid").query(FaceCell)] == app.view.faces[
+            app.page_size : 2 * app.page_size
+        ]
+        await pilot.press("a")
+
+    drive(app, script)
+    assert len(everyone) > len(copies) >= 1200
+    assert set(decisions.load_review_state(store).pinned) == set(everyone)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from labeling.cli import register as register_labeling_commands
 from pipeline.errors import FacemineError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -279,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="registered models: status, parent, training run, gate reason")
     models.set_defaults(handler=cmd_models)
-    __import__("labeling.cli").cli.register(commands)
+    register_labeling_commands(commands)
     return parser
 
 

@@ -1,13 +1,12 @@
 """Prefect flow `mine`: photo folders → faces, chips and embeddings in the store, shard by shard."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Annotated
 
 from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from flows import progress
 from flows.gpu import gpu_slot
@@ -18,15 +17,9 @@ from storage.settings import Settings
 from storage.store import ShardWriteSummary
 
 
-class MineSummary(BaseModel):
+class MineSummary(ShardWriteSummary):
     subset: str
     photos_seen: int = 0
-    photos_new: int = 0
-    photos_unchanged: int = 0
-    photos_skipped: int = 0
-    photos_failed: int = 0
-    faces_found: int = 0
-    faces_passed: int = 0
     seconds: float = 0.0
     photos_per_second: float = 0.0
 
@@ -53,7 +46,7 @@ def mine_paths(subset: str, paths: list[str], payload: str) -> dict:
         record.content_hash = record.content_hash or hashes.get(record.path)
     summary = store.write_mine_shard(subset, model, records)
     summary.photos_unchanged += len(unchanged)
-    return dataclasses.asdict(summary)
+    return summary.model_dump()
 
 
 @task(name="mine-shard")
@@ -89,7 +82,7 @@ def mine(
     done = 0
     progress.report("mine", 0, len(paths))
     for future, shard in zip(futures, shards):
-        total.add(ShardWriteSummary(**future.result()))
+        total.add(ShardWriteSummary.model_validate(future.result()))
         done += len(shard)
         progress.report("mine", done, len(paths))
     seconds = time.perf_counter() - started
@@ -98,7 +91,7 @@ def mine(
         photos_seen=len(paths),
         seconds=round(seconds, 3),
         photos_per_second=round(len(paths) / seconds, 3) if seconds > 0 else 0.0,
-        **dataclasses.asdict(total),
+        **total.model_dump(),
     )
     logger.info("mine summary: %s", summary.model_dump())
     return summary

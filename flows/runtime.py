@@ -34,14 +34,24 @@ def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
     return create_embedder(kind, weights=weights, device=device)
 
 
-def register(store: Store, embedder: Embedder, name: str | None = None) -> ModelInfo:
+def register(
+    store: Store,
+    embedder: Embedder,
+    name: str | None = None,
+    parent_id: int | None = None,
+    training_run_id: int | None = None,
+) -> ModelInfo:
+    """Register (get-or-create by weights hash) an embedder; `kind` is its registry name, so
+    `load_embedder(model.kind, model.weights_path)` rebuilds it (a checkpoint included)."""
     return store.register_model(
         name=name or embedder.name,
-        kind=embedder.kind,
+        kind=embedder.name,
         weights_path=str(embedder.weights_path) if embedder.weights_path else None,
         weights_hash=embedder.weights_hash,
         embedding_dim=embedder.preprocessing.embedding_dim,
         preprocessing=dataclasses.asdict(embedder.preprocessing),
+        parent_id=parent_id,
+        training_run_id=training_run_id,
     )
 
 

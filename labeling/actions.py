@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.errors import FacemineError
 from labeling.text import plural
+from pipeline.errors import FacemineError
 from storage import decisions
 from storage.decisions import (
     CANNOT_LINK,
@@ -31,6 +31,14 @@ from storage.decisions import (
 )
 from storage.identities import identity_rows, latest_run_id
 from storage.store import Store
+
+
+def current_run(store: Store) -> int:
+    """The current labelling: the newest finished clustering run."""
+    run_id = latest_run_id(store)
+    if run_id is None:
+        raise FacemineError("no clustering run yet: cluster the mined faces first (facemine cluster)")
+    return run_id
 
 
 def default_who() -> str:
@@ -72,10 +80,7 @@ class Labeler:
 
     @property
     def run_id(self) -> int:
-        run_id = latest_run_id(self.store)
-        if run_id is None:
-            raise FacemineError("no clustering run yet: cluster the mined faces first (facemine cluster)")
-        return run_id
+        return current_run(self.store)
 
     def identity(self, identity_id: int, run_id: int | None = None) -> IdentityInfo:
         """An active identity with its faces in the current labelling."""

@@ -22,7 +22,6 @@ from labeling.queue import QueueConfig, QueueItem, ReviewQueue, build_queue
 from labeling.text import plural
 from labeling.thumbnails import Thumbnails
 from pipeline.errors import FacemineError
-from storage import decisions
 from storage.store import Store
 
 # Faces of the highlighted merge suggestion shown beside the current identity.
@@ -65,7 +64,8 @@ class FaceCell(Vertical):
     FaceCell.-selected .caption { color: $warning; text-style: bold; }
     """
 
-    def __init__(self, face_id: int, thumbnail: Widget, cursor: bool = False, selected: bool = False) -> None:
+    def __init__(self, face_id: int, thumbnail: Widget, cursor: bool = False, selected: bool | None = None) -> None:
+        """`selected` None: a face that cannot be selected (of a suggested identity)."""
         super().__init__()
         self.face_id, self.thumbnail = face_id, thumbnail
         self.caption = Static(classes="caption")
@@ -75,10 +75,11 @@ class FaceCell(Vertical):
         yield self.thumbnail
         yield self.caption
 
-    def show(self, cursor: bool, selected: bool) -> None:
+    def show(self, cursor: bool, selected: bool | None) -> None:
         self.set_class(cursor, "-cursor")
-        self.set_class(selected, "-selected")
-        self.caption.update(Text(f"[{'x' if selected else ' '}] {self.face_id}"))
+        self.set_class(bool(selected), "-selected")
+        box = "" if selected is None else f"[{'x' if selected else ' '}] "
+        self.caption.update(Text(f"{box}{self.face_id}"))
 
 
 @dataclass
@@ -113,13 +114,15 @@ class ReviewApp(App[None]):
         Binding("v", "move", "move"),
         Binding("s", "split", "split"),
         Binding("n", "name", "name"),
-        Binding("x", "not_a_face", "not a face"),
+        Binding("x", "not_a_face", "no face"),
         Binding("L", "lock", "lock"),
         Binding("u", "undo", "undo"),
         Binding("space", "toggle", "select"),
         Binding("c", "clear", "clear", show=False),
-        Binding("enter,full_stop,tab", "next_item", "skip"),
-        Binding("shift+tab", "previous_item", "back", show=False),
+        Binding("enter,full_stop", "next_item", "skip"),
+        # Priority: the screen would otherwise take tab for moving focus.
+        Binding("tab", "next_item", "next", show=False, priority=True),
+        Binding("shift+tab", "previous_item", "back", show=False, priority=True),
         Binding("left,h", "cursor(-1, 0)", "left", show=False),
         Binding("right,l", "cursor(1, 0)", "right", show=False),
         Binding("up,k", "cursor(0, -1)", "up", show=False),
@@ -150,7 +153,7 @@ class ReviewApp(App[None]):
         yield Static(id="suggestions")
         yield Container(id="compare")
         yield Static(id="status")
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)
 
     async def on_mount(self) -> None:
         cell_height = self.thumbnails.rows + 1
@@ -201,7 +204,7 @@ class ReviewApp(App[None]):
         suggestions = self.queue.suggestions(identity.id, faces)
         if item.other_id is not None:
             suggestions = [(item.other_id, item.similarity or 0.0)] + [s for s in suggestions if s[0] != item.other_id]
-        return ItemView(item, identity, faces, {f for f in item.faces if f in set(faces)}, 0, suggestions[:9])
+        return ItemView(item, identity, faces, set(item.faces) & set(faces), 0, suggestions[:9])
 
     async def show_item(self, index: int, step: int = 1) -> None:
         """Show the first item from `index` on (going `step`) that still needs review."""
@@ -275,13 +278,12 @@ class ReviewApp(App[None]):
         if self.view is None or not self.view.suggestions:
             return
         other = self.view.suggestions[self.view.highlighted][0]
-        faces = decisions.identity_faces(self.store, self.queue.run_id, other)
-        typical = list(reversed(self.queue.face_order(faces)))  # most typical first
+        typical = list(reversed(self.queue.face_order(list(self.labeler.identity(other).faces))))  # most typical first
         columns, _rows = self.grid_shape()
         compare.styles.grid_size_columns = columns
         await compare.mount_all(self._cell(face) for face in typical[: min(columns, COMPARE_FACES)])
 
-    def _cell(self, face: int, cursor: bool = False, selected: bool = False) -> FaceCell:
+    def _cell(self, face: int, cursor: bool = False, selected: bool | None = None) -> FaceCell:
         return FaceCell(face, self.thumbnails.widget(self.queue.chip_paths[face]), cursor, selected)
 
     def mark_cells(self) -> None:

@@ -39,8 +39,7 @@ def _report(record) -> int:  # noqa: ANN001 - storage.decisions.DecisionRecord
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from labeling.actions import Labeler
-    from labeling.queue import current_run
+    from labeling.actions import Labeler, current_run
 
     store = _store()
     if args.sheet is not None:

@@ -24,10 +24,10 @@ from scipy.sparse import csr_matrix
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from pipeline.errors import FacemineError
+from labeling.actions import current_run
 from labeling.text import plural
 from pipeline.graph import build_knn, knn_between, normalize
-from storage.identities import assignments, face_table, identity_rows, latest_run_id, run_info
+from storage.identities import assignments, face_table, identity_rows, run_info
 from storage.store import Store
 
 MIXED, MERGE, LOW_CONFIDENCE, UNNAMED_LARGE = "mixed", "merge?", "low-confidence", "unnamed-large"
@@ -121,13 +121,6 @@ class ReviewQueue:
         ]
         active = identity_rows(self.store, [c for c, _ in candidates]).query("status == 'active'").identity_id
         return [(c, s) for c, s in candidates if c in set(active.tolist())][:k]
-
-
-def current_run(store: Store) -> int:
-    run_id = latest_run_id(store)
-    if run_id is None:
-        raise FacemineError("no clustering run yet: cluster the mined faces first (facemine cluster)")
-    return run_id
 
 
 def _leave_one_out_similarity(vectors: np.ndarray, sums: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -315,9 +308,9 @@ def build_queue(store: Store, config: QueueConfig | None = None, run_id: int | N
     row_of_face = pd.Series(np.arange(len(embedded)), index=embedded)
     chip_paths = faces.set_index("face_id").chip_path
     if labelled.empty:
-        return ReviewQueue(run_id, [], pd.Series(dtype=float), chip_paths, vectors, row_of_face,
-                           np.zeros(0, np.int64), np.zeros((0, vectors.shape[1] if vectors.ndim == 2 else 1), np.float32),
-                           store, config)
+        nothing = np.zeros((0, 1), np.float32)
+        return ReviewQueue(run_id, [], pd.Series(dtype=float), chip_paths, nothing, row_of_face, np.zeros(0, np.int64),
+                           nothing, store, config)
     vectors = normalize(vectors)
     stats, codes, similarity = _identity_stats(labelled, vectors, identity_rows(store, labelled.identity_id.unique().tolist()))
     findings = _identity_findings(labelled, vectors, stats, codes, similarity, config)

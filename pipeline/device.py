@@ -1,13 +1,19 @@
 """Device choice shared by every torch-using stage."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import FacemineError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` means CUDA when present, else CPU; an explicit CUDA request without CUDA is an error."""
+    # Imported here: clustering and review reach this module but should not pay torch's import.
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import FacemineError
@@ -24,7 +24,6 @@ from storage.schema import Assignment, Constraint, Decision, Identity
 from storage.store import Store
 
 MEMBER, REJECT, NOT_A_FACE, MUST_LINK, CANNOT_LINK = "member", "reject", "not_a_face", "must_link", "cannot_link"
-CONSTRAINT_KINDS = (MEMBER, REJECT, NOT_A_FACE, MUST_LINK, CANNOT_LINK)
 IDENTITY_FIELDS = ("name", "locked", "accepted", "status", "merged_into")
 # Identities that must never be reused by clustering: merged away, or created by an undone split.
 RETIRED_STATUSES = ("merged", "retired")
@@ -119,10 +118,19 @@ def face_identities(store: Store, run_id: int, face_ids: Iterable[int]) -> dict[
 # ---- writing one decision ------------------------------------------------------------------
 
 
+def _contradicts(new: NewConstraint, kind: str, identity: int | None) -> bool:
+    """Whether an active constraint (`kind`, `identity`) on the same face gives way to `new`:
+    a face has one membership at a time; joining an identity lifts its rejection from it and any
+    not-a-face mark; a rejection ends the membership it rejects; not-a-face ends every membership."""
+    if new.kind == MEMBER:
+        return kind in (MEMBER, NOT_A_FACE) or (kind == REJECT and identity == new.identity)
+    if new.kind == REJECT:
+        return kind == MEMBER and identity == new.identity
+    return new.kind == NOT_A_FACE and kind == MEMBER
+
+
 def _superseded(session: Session, constraints: list[NewConstraint]) -> list[int]:
-    """Active constraints a new set contradicts: a face has one membership at a time, joining an
-    identity lifts its rejection from it and any not-a-face mark, a rejection or a not-a-face mark
-    ends the matching membership."""
+    """Ids of the active constraints that the new ones contradict."""
     by_face: dict[int, list[NewConstraint]] = {}
     for new in constraints:
         if new.kind in (MEMBER, REJECT, NOT_A_FACE):
@@ -136,15 +144,11 @@ def _superseded(session: Session, constraints: list[NewConstraint]) -> list[int]
                 Constraint.kind.in_((MEMBER, REJECT, NOT_A_FACE)),
             )
         ).all()
-        for constraint_id, kind, face, identity in rows:
-            for new in by_face[face]:
-                if (
-                    (new.kind == MEMBER and (kind in (MEMBER, NOT_A_FACE) or (kind == REJECT and identity == new.identity)))
-                    or (new.kind == REJECT and kind == MEMBER and identity == new.identity)
-                    or (new.kind == NOT_A_FACE and kind == MEMBER)
-                ):
-                    ids.append(constraint_id)
-                    break
+        ids += [
+            constraint_id
+            for constraint_id, kind, face, identity in rows
+            if any(_contradicts(new, kind, identity) for new in by_face[face])
+        ]
     return ids
 
 
@@ -173,6 +177,36 @@ def _identity_before(session: Session, fields: dict[int, dict[str, object]]) -> 
     return before
 
 
+def _with_created(edit: LabelEdit, created_ids: list[int]) -> LabelEdit:
+    """`edit` with its placeholder identities (-1, -2, ...) replaced by the rows just created."""
+
+    def real(identity: int | None) -> int | None:
+        return created_ids[-identity - 1] if identity is not None and identity < 0 else identity
+
+    return LabelEdit(
+        assign={face: real(identity) for face, identity in edit.assign.items()},
+        identity_fields={real(identity): changes for identity, changes in edit.identity_fields.items()},
+        constraints=[NewConstraint(c.kind, c.face_a, c.face_b, real(c.identity)) for c in edit.constraints],
+    )
+
+
+def _insert_constraints(session: Session, decision_id: int, constraints: list[NewConstraint]) -> None:
+    if constraints:
+        session.execute(
+            insert(Constraint),
+            [
+                {"decision_id": decision_id, "kind": c.kind, "face_a": c.face_a, "face_b": c.face_b,
+                 "identity_id": c.identity, "active": True}
+                for c in constraints
+            ],
+        )
+
+
+def _set_active(session: Session, constraint_ids: list[int], active: bool) -> None:
+    for chunk in _chunks(constraint_ids):
+        session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=active))
+
+
 def apply_decision(
     store: Store,
     run_id: int,
@@ -189,24 +223,15 @@ def apply_decision(
         session.add_all(created)
         session.flush()
         created_ids = [row.id for row in created]
-
-        def real(identity: int | None) -> int | None:
-            return created_ids[-identity - 1] if identity is not None and identity < 0 else identity
-
-        constraints = [
-            NewConstraint(c.kind, c.face_a, c.face_b, real(c.identity)) for c in edit.constraints
-        ]
-        fields = {real(identity): changes for identity, changes in edit.identity_fields.items()}
-        assign = {face: real(identity) for face, identity in edit.assign.items()}
-        deactivated = _superseded(session, constraints)
+        edit = _with_created(edit, created_ids)
+        deactivated = _superseded(session, edit.constraints)
         before = {
-            "assignments": _assignment_before(session, run_id, sorted(assign)),
-            "identities": _identity_before(session, fields),
+            "assignments": _assignment_before(session, run_id, sorted(edit.assign)),
+            "identities": _identity_before(session, edit.identity_fields),
             "created_identities": created_ids,
             "deactivated_constraints": deactivated,
         }
-        touched_identities = {row[1] for row in before["assignments"] if row[1] is not None}
-        touched_identities |= {i for i in assign.values() if i is not None} | set(fields) | set(created_ids)
+        touched = {row[1] for row in before["assignments"]} | set(edit.assign.values()) | set(edit.identity_fields)
         decision = Decision(
             who=who,
             action=action,
@@ -215,36 +240,17 @@ def apply_decision(
                 "run_id": run_id,
                 "summary": summary,
                 "details": details or {},
-                "faces": sorted(assign),
-                "identities": sorted(touched_identities),
+                "faces": sorted(edit.assign),
+                "identities": sorted(touched - {None}),
                 "before": before,
             },
         )
         session.add(decision)
         session.flush()
-        for chunk in _chunks(deactivated):
-            session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=False))
-        if constraints:
-            session.execute(
-                insert(Constraint),
-                [
-                    {
-                        "decision_id": decision.id,
-                        "kind": c.kind,
-                        "face_a": c.face_a,
-                        "face_b": c.face_b,
-                        "identity_id": c.identity,
-                        "active": True,
-                    }
-                    for c in constraints
-                ],
-            )
-        _write_assignments(
-            session,
-            run_id,
-            [[face, identity, 1.0, "decision"] for face, identity in assign.items()],
-        )
-        for identity_id, changes in fields.items():
+        _set_active(session, deactivated, False)
+        _insert_constraints(session, decision.id, edit.constraints)
+        _write_assignments(session, run_id, [[face, identity, 1.0, "decision"] for face, identity in edit.assign.items()])
+        for identity_id, changes in edit.identity_fields.items():
             session.execute(update(Identity).where(Identity.id == identity_id).values(**changes))
         session.flush()
         return _record(decision)
@@ -330,8 +336,7 @@ def undo_decision(store: Store, current_run_id: int | None, who: str, why: str |
         session.flush()
         target.undone_by = undo.id
         session.execute(update(Constraint).where(Constraint.decision_id == target.id).values(active=False))
-        for chunk in _chunks(before["deactivated_constraints"]):
-            session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=True))
+        _set_active(session, before["deactivated_constraints"], True)
         for identity_id, values in before["identities"]:
             session.execute(update(Identity).where(Identity.id == identity_id).values(**values))
         if before["created_identities"]:
@@ -351,11 +356,6 @@ def history(store: Store, limit: int | None = None) -> list[DecisionRecord]:
         query = query.limit(limit)
     with store.session() as session:
         return [_record(row) for row in session.scalars(query)]
-
-
-def decision_count(store: Store) -> int:
-    with store.session() as session:
-        return session.scalar(select(func.count()).select_from(Decision))
 
 
 # ---- what clustering must obey ----------------------------------------------------------
@@ -396,16 +396,3 @@ def load_review_state(store: Store) -> ReviewState:
         else:
             state.excluded.add(face)
     return state
-
-
-def face_links(store: Store) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(must-link, cannot-link) face-id pairs of active constraints, for clusterers that take them."""
-    with store.session() as session:
-        rows = session.execute(
-            select(Constraint.kind, Constraint.face_a, Constraint.face_b).where(
-                Constraint.active.is_(True), Constraint.kind.in_((MUST_LINK, CANNOT_LINK))
-            )
-        ).all()
-    must = [(a, b) for kind, a, b in rows if kind == MUST_LINK]
-    cannot = [(a, b) for kind, a, b in rows if kind == CANNOT_LINK]
-    return must, cannot

@@ -5,6 +5,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
@@ -28,8 +29,9 @@ class ModelInfo:
     is_current: bool
 
 
-@dataclass
-class ShardWriteSummary:
+class ShardWriteSummary(BaseModel):
+    """What storing shards changed; faces count only those of new or changed photos."""
+
     photos_new: int = 0
     photos_unchanged: int = 0
     photos_skipped: int = 0
@@ -38,7 +40,7 @@ class ShardWriteSummary:
     faces_passed: int = 0
 
     def add(self, other: "ShardWriteSummary") -> None:
-        for name in self.__dataclass_fields__:
+        for name in ShardWriteSummary.model_fields:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 

@@ -51,13 +51,14 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, logs: lis
 
 
 def prefect_env(home: Path, api_url: str, **extra: str) -> dict[str, str]:
-    """Environment of the server and serve processes: their own Prefect home, no telemetry."""
+    """Environment of the server and serve processes: their own Prefect home, no telemetry.
+
+    As in the README, the server too gets PREFECT_API_URL: its UI calls the API there (it
+    would assume port 4200 otherwise)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith(("PREFECT_", "FACEMINE_"))}
     env.update(
         PREFECT_HOME=str(home),
         PREFECT_API_URL=api_url,
-        # The UI calls the API at this address (by default it assumes port 4200).
-        PREFECT_UI_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
         FACEMINE_CONFIG=str(REPO / "tests" / "no-such-config.toml"),

@@ -33,7 +33,7 @@ def lfw_paths(people: Sequence[str] = PEOPLE, per_person: int = PHOTOS_PER_PERSO
     return paths
 
 
-def _mine(data_dir: Path, paths: list[str]) -> None:
+def mine_into(data_dir: Path, paths: list[str]) -> None:
     from flows.mine import mine_shard
     from flows.runtime import settings_payload
 
@@ -46,7 +46,7 @@ def mined_store_copy(factory: pytest.TempPathFactory, name: str) -> Settings:
     template = factory.getbasetemp() / "lfw-mined-template"
     if not (template / "done").exists():
         shutil.rmtree(template, ignore_errors=True)
-        _mine(template, lfw_paths())
+        mine_into(template, lfw_paths())
         (template / "done").touch()
     target = factory.mktemp(name) / "data"
     shutil.copytree(template, target)

@@ -2,8 +2,9 @@
 
 A real local Prefect server and `facemine serve` run over a store holding a small real export
 (LFW faces, clustered and exported); headless Chromium opens the UI, goes to Deployments →
-retrain → Run → Custom run, edits the form and submits. The run must complete and register a new
-model version whose training run carries the values typed into the form.
+retrain → Run → Custom run, checks the form refuses an out-of-range value, edits it and submits.
+The run must complete and register a new model version whose training run carries the values
+typed into the form.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Locator, Page, sync_playwright
 from prefect_helpers import (
     NEVER_DURING_TESTS,
     api_client,
+    deployment_runs,
     facemine_serve,
     prefect_env,
     prefect_server,
@@ -23,10 +26,9 @@ from prefect_helpers import (
     require_chromium,
     wait_for,
 )
-from retrain_helpers import prepared_store, write_holdout_csvs
+from retrain_helpers import prepared_store, store_copy
 
 from storage import registry
-from storage.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -44,9 +46,7 @@ RUN_TIMEOUT_SECONDS = 300
 
 
 @contextmanager
-def browser_page(chromium: str, screenshot_on_failure: Path) -> Iterator:
-    from playwright.sync_api import sync_playwright
-
+def browser_page(chromium: str, screenshot_on_failure: Path) -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -60,21 +60,22 @@ def browser_page(chromium: str, screenshot_on_failure: Path) -> Iterator:
             browser.close()
 
 
-def form_input(page, label: str):  # noqa: ANN001, ANN201 - playwright Page -> Locator
+def form_input(page: Page, label: str) -> Locator:
     """The input a form label points at (labels read "<Field> (Optional)")."""
     field_id = page.locator("label", has_text=re.compile(rf"^{label} \(Optional\)$")).get_attribute("for")
     return page.locator(f'input[id="{field_id}"]')
 
 
-def launch_custom_retrain(page, ui_url: str, typed: dict[str, str]) -> str:  # noqa: ANN001
-    """Click through the UI to a custom retrain run; returns the new flow run's id."""
+def open_custom_retrain_form(page: Page, ui_url: str) -> None:
     page.goto(ui_url)
     page.get_by_role("link", name="Deployments").click()
     page.locator("a[href*='/deployments/deployment/']", has_text=re.compile("^retrain$")).click()
     page.get_by_role("button", name="Run").click()
     page.get_by_role("menuitem", name="Custom run").click()
-    for label, value in typed.items():
-        form_input(page, label).fill(value)
+
+
+def submit_run(page: Page) -> str:
+    """Submit the run form; returns the new flow run's id."""
     page.get_by_role("button", name="Submit").click()
     # The deployment page comes back with a toast "<run name> scheduled to start now".
     page.get_by_text("scheduled to start now").wait_for()
@@ -84,23 +85,22 @@ def launch_custom_retrain(page, ui_url: str, typed: dict[str, str]) -> str:  # n
 
 
 def test_retrain_launched_from_the_ui_registers_a_model_with_the_typed_parameters(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     chromium = require_chromium()
-    pairs, truth = write_holdout_csvs(tmp_path / "holdout")
     with prefect_server(tmp_path) as (api_url, home):
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            settings = prepared_store(tmp_path_factory, "retrain-ui", pairs, truth)
-        store = Store(settings)
+            prepared = prepared_store(tmp_path_factory)
+        store = store_copy(prepared, tmp_path / "facemine-data", monkeypatch)
         models_before = set(registry.models_table(store).id)
         env = prefect_env(
             home,
             api_url,
-            FACEMINE_DATA_DIR=str(settings.data_dir),
-            FACEMINE_GATE__VALIDATION_PAIRS=str(pairs),
-            FACEMINE_GATE__VALIDATION_TRUTH=str(truth),
+            FACEMINE_DATA_DIR=str(store.data_dir),
+            FACEMINE_GATE__VALIDATION_PAIRS=str(prepared.pairs),
+            FACEMINE_GATE__VALIDATION_TRUTH=str(prepared.truth),
             FACEMINE_SERVE__CLUSTER_CRON=NEVER_DURING_TESTS,
             **{f"FACEMINE_TRAIN__{name.upper()}": str(value) for name, value in TRAIN_DEFAULTS.items()},
         )
@@ -108,10 +108,18 @@ def test_retrain_launched_from_the_ui_registers_a_model_with_the_typed_parameter
             logs = [serve_log, tmp_path / "prefect-server.log"]
             deployment = wait_for(lambda: read_deployment(client, "retrain/retrain"), 120, "deployment retrain", logs)
             with browser_page(chromium, tmp_path / "ui-failure.png") as page:
-                run_id = launch_custom_retrain(page, api_url.removesuffix("/api"), TYPED)
+                open_custom_retrain_form(page, api_url.removesuffix("/api"))
+                # The form carries the flow's constraints (margin <= 1.5): a bad value is refused.
+                margin = form_input(page, "Margin")
+                margin.fill("9")
+                page.get_by_role("button", name="Submit").click()
+                assert margin.evaluate("input => input.validity.rangeOverflow")
+                assert "1.5" in margin.evaluate("input => input.validationMessage")
+                for label, value in TYPED.items():
+                    form_input(page, label).fill(value)
+                run_id = submit_run(page)
 
-            run = client.read_flow_run(run_id)
-            assert run.deployment_id == deployment.id
+            assert [str(run.id) for run in deployment_runs(client, deployment.id)] == [run_id]
             run = wait_for(
                 lambda: (current := client.read_flow_run(run_id)).state.is_final() and current,
                 RUN_TIMEOUT_SECONDS, "the UI-launched retrain run to finish", logs, every=5,

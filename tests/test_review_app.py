@@ -185,9 +185,8 @@ def test_not_a_face_under_the_cursor_then_undo(store, scenario):
 
     async def script(pilot: Pilot) -> None:
         await go_to(pilot, lambda item: item.identity_id == scenario.pure)
-        await pilot.press("right", "right", "down", "left")
-        columns = app.grid_shape()[0]
-        assert app.view.cursor == columns + 1
+        await pilot.press("right", "right", "left")
+        assert app.view.cursor == 1
         marked["face"] = app.view.faces[app.view.cursor]
         await pilot.press("x")
         assert marked["face"] in decisions.load_review_state(store).excluded
@@ -271,7 +270,6 @@ def test_fifty_items_with_single_keystrokes(store):
     drive(app, script)
     history = decisions.history(store)
     assert len(history) == 50 and {r.action for r in history} <= {"accept", "merge"}
-    assert any(r.action == "merge" for r in history) and any(r.action == "accept" for r in history)
 
 
 def test_an_identity_of_a_thousand_faces_is_paged(store):
@@ -284,11 +282,13 @@ def test_an_identity_of_a_thousand_faces_is_paged(store):
         assert app.view.identity.id == big and len(app.view.faces) == len(everyone)
         on_screen = len(app.query_one("#grid").query(FaceCell))
         assert 0 < on_screen == app.page_size < 100
+        await pilot.press("down", "l", "h", "j")
+        assert app.view.cursor == 2 * app.grid_shape()[0]
         await pilot.press("pagedown")
-        assert app.page == 1 and app.view.cursor == app.page_size
-        assert [cell.face_id for cell in app.query_one("#grid").query(FaceCell)] == app.view.faces[
-            app.page_size : 2 * app.page_size
-        ]
+        size = app.page_size
+        assert app.view.cursor == 2 * app.grid_shape()[0] + size and app.page == app.view.cursor // size >= 1
+        shown = [cell.face_id for cell in app.query_one("#grid").query(FaceCell)]
+        assert shown == app.view.faces[app.page * size : (app.page + 1) * size]
         await pilot.press("a")
 
     drive(app, script)

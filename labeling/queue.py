@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
 from scipy.sparse import csr_matrix
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from labeling.actions import current_run
 from labeling.text import plural
+from pipeline.config import QueueConfig
 from pipeline.graph import build_knn, knn_between, normalize
 from storage.identities import assignments, face_table, identity_rows, run_info
 from storage.store import Store
@@ -33,30 +33,6 @@ from storage.store import Store
 MIXED, MERGE, LOW_CONFIDENCE, UNNAMED_LARGE = "mixed", "merge?", "low-confidence", "unnamed-large"
 _IDENTITY_KIND_ORDER = (MIXED, LOW_CONFIDENCE, UNNAMED_LARGE)
 _CHUNK = 65_536
-
-
-class QueueConfig(BaseModel):
-    """Thresholds are cosine similarities of L2-normalised embeddings; a face is compared with the
-    centre of the other faces of its identity."""
-
-    # Faces less similar than this to the rest of their identity are probably someone else.
-    outlier_similarity: float = Field(default=0.35, ge=-1.0, le=1.0)
-    # Identities whose faces are on average less similar than this to the rest may be mixed.
-    min_cohesion: float = Field(default=0.5, ge=-1.0, le=1.0)
-    # Two modes: identities this large are 2-means split; halves whose centres are less similar than
-    # `two_modes_max_similarity`, the smaller holding at least `two_modes_min_share`, are two people.
-    two_modes_min_faces: int = Field(default=6, ge=4)
-    two_modes_max_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
-    two_modes_min_share: float = Field(default=0.15, gt=0.0, le=0.5)
-    # Identity pairs whose centres are this similar may be one person; across subsets (clustered
-    # apart, so never compared by the clusterer) a lower bar applies.
-    merge_min_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)
-    cross_subset_min_similarity: float = Field(default=0.45, ge=-1.0, le=1.0)
-    merge_neighbours: int = Field(default=10, ge=1)
-    # Faces clustered or attached with lower confidence are worth a look.
-    low_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
-    unnamed_min_faces: int = Field(default=20, ge=1)
-    suggestions: int = Field(default=9, ge=1, le=9)
 
 
 @dataclass(frozen=True)
@@ -297,7 +273,7 @@ def _merge_items(stats: _Identities, config: QueueConfig) -> list[QueueItem]:
 
 def build_queue(store: Store, config: QueueConfig | None = None, run_id: int | None = None) -> ReviewQueue:
     """The review queue of a run (default: the current labelling), highest priority first."""
-    config = config or QueueConfig()
+    config = config or store.settings.review
     run_id = run_id or current_run(store)
     run = run_info(store, run_id)
     table = assignments(store, run_id)

@@ -184,3 +184,27 @@ class GateConfig(BaseModel):
     min_improvement: float = Field(default=0.0, ge=0.0)
     # Closed loop: stop after this many iterations in a row without a promotion.
     patience: int = Field(default=1, ge=1)
+
+
+class QueueConfig(BaseModel):
+    """Review queue (labeling/queue.py). Thresholds are cosine similarities of L2-normalised embeddings; a face is compared with the
+    centre of the other faces of its identity."""
+
+    # Faces less similar than this to the rest of their identity are probably someone else.
+    outlier_similarity: float = Field(default=0.35, ge=-1.0, le=1.0)
+    # Identities whose faces are on average less similar than this to the rest may be mixed.
+    min_cohesion: float = Field(default=0.5, ge=-1.0, le=1.0)
+    # Two modes: identities this large are 2-means split; halves whose centres are less similar than
+    # `two_modes_max_similarity`, the smaller holding at least `two_modes_min_share`, are two people.
+    two_modes_min_faces: int = Field(default=6, ge=4)
+    two_modes_max_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
+    two_modes_min_share: float = Field(default=0.15, gt=0.0, le=0.5)
+    # Identity pairs whose centres are this similar may be one person; across subsets (clustered
+    # apart, so never compared by the clusterer) a lower bar applies.
+    merge_min_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)
+    cross_subset_min_similarity: float = Field(default=0.45, ge=-1.0, le=1.0)
+    merge_neighbours: int = Field(default=10, ge=1)
+    # Faces clustered or attached with lower confidence are worth a look.
+    low_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    unnamed_min_faces: int = Field(default=20, ge=1)
+    suggestions: int = Field(default=9, ge=1, le=9)

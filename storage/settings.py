@@ -28,6 +28,7 @@ from pipeline.config import (
     GateConfig,
     IngestConfig,
     QualityConfig,
+    QueueConfig,
     TrainConfig,
 )
 
@@ -92,6 +93,7 @@ class Settings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    review: QueueConfig = Field(default_factory=QueueConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -151,10 +151,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):  # noqa: ANN202 - pipeline.config.TrainConfig, imported lazily
     from storage.settings import Settings
 
-    settings = Settings().train
+    defaults = Settings().train
     options = {"epochs": args.epochs, "freeze_fraction": args.freeze, "loss": args.loss, "margin": args.margin,
                "base_lr": args.lr, "batch_size": args.batch_size, "base_model": args.base, "num_workers": args.workers}
-    return settings.model_validate(settings.model_dump() | {k: v for k, v in options.items() if v is not None})
+    return defaults.model_validate(defaults.model_dump() | {k: v for k, v in options.items() if v is not None})
 
 
 def _metric_rows(current: dict, candidate: dict) -> list[dict]:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,10 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.measure import measured  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
+RESULTS = REPO / "benchmarks" / "results"
 CELEBA, LFW = SHARED / "celeba", SHARED / "lfw"
 REPORTED = ("verification_accuracy", "verification_tar@far=0.01", "verification_tar@far=0.001",
             "clustering_bcubed_f", "clustering_nmi")
@@ -68,7 +69,7 @@ def every_nth_pair(pairs: pd.DataFrame, limit: int | None) -> pd.DataFrame:
 
 def write_inputs(folder: Path, source: pd.DataFrame, held: pd.DataFrame, pairs_limit: int | None) -> dict[str, Path]:
     """CSVs of the mined photos' labels, the held-out CelebA labels and the LFW pairs (absolute paths)."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     pairs = every_nth_pair(pd.read_csv(LFW / "pairs.csv"), pairs_limit)
     pairs = pairs.assign(path_a=[str(LFW / p) for p in pairs.path_a], path_b=[str(LFW / p) for p in pairs.path_b])
     files = {"mined_truth": folder / "mined_labels.csv", "held_truth": folder / "held_labels.csv",
@@ -79,10 +80,6 @@ def write_inputs(folder: Path, source: pd.DataFrame, held: pd.DataFrame, pairs_l
     return files
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(args: argparse.Namespace) -> dict:
     source, held = split_celeba(args.holdout_fraction, args.limit, args.holdout_limit, args.seed)
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="facemine-loop-"))
@@ -91,6 +88,8 @@ def run(args: argparse.Namespace) -> dict:
     os.environ["FACEMINE_GATE__VALIDATION_PAIRS"] = str(files["pairs"])
     os.environ["FACEMINE_GATE__VALIDATION_TRUTH"] = str(files["held_truth"])
     os.environ["FACEMINE_EMBED__DEVICE"] = args.device
+    os.environ["FACEMINE_GATE__METRIC"] = args.gate_metric
+    os.environ["FACEMINE_GATE__PATIENCE"] = str(args.patience)
     from flows.evaluate import evaluate_run
     from flows.loop import closed_loop
     from flows.mine import mine
@@ -100,17 +99,15 @@ def run(args: argparse.Namespace) -> dict:
     from storage.settings import Settings
     from storage.store import Store
 
-    started = time.perf_counter()
-    mined = mine(folders=source.path.tolist(), subset="celeba")  # files are roots of their own
-    mine_seconds = time.perf_counter() - started
+    with measured() as mining:
+        mined = mine(folders=source.path.tolist(), subset="celeba")  # files are roots of their own
     config = TrainConfig(epochs=args.epochs, freeze_fraction=args.freeze, batch_size=args.batch_size,
                          base_lr=args.lr, num_workers=args.workers)
-    started = time.perf_counter()
-    result = closed_loop(iterations=args.iterations, loop_name="benchmark", config=config, min_churn=args.min_churn)
-    loop_seconds = time.perf_counter() - started
+    with measured() as looping:
+        result = closed_loop(iterations=args.iterations, loop_name=args.loop_name, config=config, min_churn=args.min_churn)
 
     store = Store(Settings())
-    iterations = registry.loop_iterations(store, "benchmark")
+    iterations = registry.loop_iterations(store, args.loop_name)[-len(result["iterations"]):]
     first_run = export_info(store, iterations[0]["export_id"])["run_id"]
     mined_quality = lambda run_id: evaluate_run(store, files["mined_truth"], run_id)  # noqa: E731
     rows = [{
@@ -132,10 +129,12 @@ def run(args: argparse.Namespace) -> dict:
             "train_loss": metrics["training"].get("loss"), "export_faces": metrics["export"]["train_faces"],
         })
     return {
-        "photos_mined": len(source), "faces_found": mined.faces_found, "faces_passed": mined.faces_passed,
+        "photos_mined": len(source), "photos_already_in_store": mined.photos_unchanged,
+        "faces_found": mined.faces_found, "faces_passed": mined.faces_passed, "gate_metric": args.gate_metric,
         "held_out_celeba_photos": len(held), "lfw_pairs": int(pd.read_csv(files["pairs"]).shape[0]),
-        "config": config.model_dump(), "device": args.device, "mine_seconds": round(mine_seconds, 1),
-        "loop_seconds": round(loop_seconds, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
+        "config": config.model_dump(), "device": args.device,
+        "mine_seconds": round(mining.seconds, 1), "mine_peak_rss_mib": round(mining.peak_rss_mib),
+        "loop_seconds": round(looping.seconds, 1), "loop_peak_rss_mib": round(looping.peak_rss_mib),
         "stop_reason": result["stop_reason"], "iterations": rows, "data_dir": str(root),
     }
 
@@ -167,10 +166,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="base learning rate at batch size 256")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--min-churn", type=float, default=0.01)
+    parser.add_argument("--gate-metric", default="verification_accuracy", help="settings.gate.metric")
+    parser.add_argument("--patience", type=int, default=1, help="iterations without promotion before stopping")
+    parser.add_argument("--loop-name", default="benchmark", help="a store given again keeps its photos and caches")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="store folder (default: a new temporary one, kept)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--data-dir", default=None,
+                        help="store folder (default: a new temporary one, kept); an existing one is reused")
+    parser.add_argument("--json", type=Path, default=RESULTS / "closed_loop.json", help="also write the report here")
     args = parser.parse_args()
     report = run(args)
     print_report(report)

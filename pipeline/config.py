@@ -27,8 +27,10 @@ class DetectConfig(BaseModel):
     min_face_size: int = Field(default=20, ge=8)
     # MTCNN's P-, R- and O-net thresholds.
     stage_thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    # Detections below this probability are dropped before alignment.
-    min_score: float = Field(default=0.9, ge=0.0, le=1.0)
+    # Detections below this probability are dropped before alignment. Kept low (MTCNN's own
+    # last-stage threshold): weak detections are stored and failed by quality (min_det_score),
+    # so a hard real face (LFW's Marilyn_Monroe_0001 scores 0.76) is still recorded.
+    min_score: float = Field(default=0.7, ge=0.0, le=1.0)
     scale_factor: float = Field(default=0.709, gt=0.1, lt=1.0)
     batch_size: int = Field(default=16, ge=1)
     # Photos in one MTCNN call are zero-padded to a common size; this caps padded pixels per

@@ -9,11 +9,13 @@ Held-out evaluation, never mined or trained on:
 - clustering of CelebA photos of identities kept out of the training source (BCubed F, ...).
 Also scored: the loop's own labelling of the mined CelebA photos against their labels.
 
-Iteration 0 is SFace itself. The gate promotes a candidate only when it beats the current model
-on settings.gate.metric (default verification_accuracy). On CPU only the last layers train
-(--freeze); on a GPU use --freeze 0 for the full fine-tune.
+Iteration 0 is the store's current model (SFace in a fresh store). The gate promotes a candidate
+only when it beats the current model on --gate-metric (default verification_accuracy). On CPU
+only the last layers train (--freeze); on a GPU use --freeze 0 for the full fine-tune. --workers
+stays 0: forked DataLoader workers die inside a Prefect 3.8 task (Prefect's thread-exit hook
+asserts in fork children), until pipeline/train.py starts them with forkserver.
 
-    .venv/bin/python benchmarks/closed_loop.py [--limit 800] [--iterations 2] [--epochs 2] [--freeze 0.8]
+    .venv/bin/python benchmarks/closed_loop.py [--limit 500] [--iterations 2] [--epochs 2] [--freeze 0.8]
 """
 from __future__ import annotations
 
@@ -110,12 +112,13 @@ def run(args: argparse.Namespace) -> dict:
     iterations = registry.loop_iterations(store, args.loop_name)[-len(result["iterations"]):]
     first_run = export_info(store, iterations[0]["export_id"])["run_id"]
     mined_quality = lambda run_id: evaluate_run(store, files["mined_truth"], run_id)  # noqa: E731
+    baseline = store.model(registry.training_run(store, iterations[0]["training_run_id"])["parent_model_id"]).name
     rows = [{
-        "iteration": 0, "model": store.model(registry.training_run(store, iterations[0]["training_run_id"])["parent_model_id"]).name,
+        "iteration": 0, "model": baseline,
         **{name: iterations[0]["metrics"]["current"].get(name) for name in REPORTED},
         "mined_bcubed_f": mined_quality(first_run)["bcubed_f"],
         "identities": iterations[0]["metrics"]["identities_before"], "churn": None, "promoted": None,
-        "gate": "baseline (SFace)", "seconds": None,
+        "gate": f"baseline ({baseline})", "seconds": None,
     }]
     for stored in iterations:
         metrics = stored["metrics"]
@@ -155,7 +158,7 @@ def print_report(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=800, help="CelebA photos to mine (whole identities); 0: all")
+    parser.add_argument("--limit", type=int, default=500, help="CelebA photos to mine (whole identities); 0: all")
     parser.add_argument("--holdout-fraction", type=float, default=0.3, help="share of CelebA identities held out")
     parser.add_argument("--holdout-limit", type=int, default=400, help="held-out CelebA photos (whole identities); 0: all")
     parser.add_argument("--pairs-limit", type=int, default=0, help="LFW pairs to use (0: all 2,200)")
@@ -164,7 +167,7 @@ def main() -> None:
     parser.add_argument("--freeze", type=float, default=0.8, help="share of parameter tensors kept frozen")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01, help="base learning rate at batch size 256")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--min-churn", type=float, default=0.01)
     parser.add_argument("--gate-metric", default="verification_accuracy", help="settings.gate.metric")
     parser.add_argument("--patience", type=int, default=1, help="iterations without promotion before stopping")

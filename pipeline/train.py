@@ -476,12 +476,20 @@ def _train_loader(dataset: Dataset, batch_size: int, config: TrainConfig, contex
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, generator=generator,
         # Full batches only: a batch of one breaks BatchNorm and skews the margin softmax.
-        drop_last=True, num_workers=config.num_workers, pin_memory=context.device.type == "cuda",
+        drop_last=True, pin_memory=context.device.type == "cuda", **_worker_options(config),
     )
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, config: TrainConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=config.num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_worker_options(config))
+
+
+def _worker_options(config: TrainConfig) -> dict:
+    """Loader workers start by forkserver: forked children of a Prefect task die in Prefect's
+    exit hook (prefect 3.8), and forkserver is also safe with CUDA initialised."""
+    if config.num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": config.num_workers, "multiprocessing_context": "forkserver", "persistent_workers": False}
 
 
 def _train_epoch(

@@ -85,3 +85,14 @@ def store_copy(prepared: Prepared, target: Path, monkeypatch: pytest.MonkeyPatch
 def small_train_config(**changes: object) -> TrainConfig:
     """One CPU-sized epoch: only the last tenth of the parameter tensors train."""
     return TrainConfig(epochs=1, freeze_fraction=0.9, batch_size=16, warmup_epochs=0, num_workers=0, **changes)
+
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Prepared:  # noqa: ANN001
+    return prepared_store(tmp_path_factory)
+
+
+@pytest.fixture
+def store(prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
+    return store_copy(prepared, tmp_path / "data", monkeypatch)

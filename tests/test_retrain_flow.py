@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from retrain_helpers import Prepared, prepared_store, small_train_config, store_copy
+# `prepared` and `store` are fixtures shared with the other retraining tests.
+from retrain_helpers import Prepared, prepared, small_train_config, store  # noqa: F401
 
 from facemine_cli import main
 from pipeline.embed import create_embedder
@@ -16,14 +17,6 @@ from storage.store import Store
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Prepared:  # noqa: ANN001
-    return prepared_store(tmp_path_factory)
-
-
-@pytest.fixture
-def store(prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:
-    return store_copy(prepared, tmp_path / "data", monkeypatch)
 
 
 def test_retrain_registers_candidate_with_lineage_and_applies_the_gate(store: Store) -> None:

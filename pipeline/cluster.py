@@ -79,12 +79,19 @@ def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterCon
     source, target, similarity = graph.edges(config.min_similarity)
     weight = similarity - config.min_similarity
     strong = weight > 0
+    faces = np.arange(len(embeddings))
+    # A link of every face to itself lets the random walk linger on it: a face then joins a
+    # module only when its summed weight into that module outweighs the self-link, so a face
+    # with a few weak links to strangers stays alone rather than being swallowed.
+    links = np.vstack([
+        np.column_stack([source[strong], target[strong], weight[strong]]),
+        np.column_stack([faces, faces, np.full(len(faces), config.infomap_self_weight)]),
+    ])
     engine = infomap.Infomap(silent=True, two_level=True, seed=config.seed, num_trials=config.infomap_trials)
-    engine.add_nodes(range(len(embeddings)))
-    if strong.any():
-        engine.add_links(np.column_stack([source[strong], target[strong], weight[strong]]))
+    engine.add_nodes(range(len(faces)))
+    engine.add_links(links[links[:, 2] > 0])
     modules = engine.run().modules()
-    return np.fromiter((modules[node] for node in range(len(embeddings))), np.int64, len(embeddings))
+    return np.fromiter((modules[face] for face in faces), np.int64, len(faces))
 
 
 def component_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:

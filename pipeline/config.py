@@ -88,6 +88,9 @@ class ClusterConfig(BaseModel):
     # Infomap's random seed (it requires >= 1) and number of trials, best kept.
     seed: int = Field(default=1, ge=1)
     infomap_trials: int = Field(default=1, ge=1)
+    # Weight of each face's link to itself, in units of (similarity - min_similarity): a face
+    # joins a cluster only when its summed edge weight into it clearly exceeds this.
+    infomap_self_weight: float = Field(default=1.2, ge=0.0)
     # Method-specific knobs (baselines); distances are cosine distances (1 - similarity).
     components_min_similarity: float = Field(default=0.5, ge=-1.0, lt=1.0)
     dbscan_eps: float = Field(default=0.5, gt=0.0, le=2.0)

@@ -7,8 +7,11 @@ geometry of SFace embeddings), identical for every row of one size.
 Rows, each run in its own subprocess so its time and peak memory are its own:
 - facemine: `pipeline.cluster.cluster` with default `ClusterConfig` (faiss k-NN graph: exact
   up to `exact_index_max_cpu`, IVF above, GPU when present; then Infomap);
+- facemine-exact: the same with an exact (brute-force) faiss index at every size, showing what
+  the IVF index saves and whether it costs quality;
 - sklearn-dbscan: scikit-learn's exact brute-force k-NN graph (`NearestNeighbors`, cosine) and
-  DBSCAN on it, the textbook baseline; skipped above --baseline-max where it would take hours.
+  DBSCAN on it, the textbook baseline.
+The last two stop above --baseline-max, where they would take hours on a CPU.
 
     .venv/bin/python benchmarks/cluster_scale.py [--sizes 100000 1000000] [--baseline-max 100000]
 """
@@ -20,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +55,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_facemine(vectors: np.ndarray) -> tuple[np.ndarray, float, float]:
+def run_facemine(vectors: np.ndarray, exact: bool = False) -> tuple[np.ndarray, float, float]:
     from pipeline.cluster import cluster, knn_graph
     from pipeline.config import ClusterConfig
 
-    config = ClusterConfig()
+    everything = len(vectors)
+    config = ClusterConfig(exact_index_max_cpu=everything, exact_index_max_gpu=everything) if exact else ClusterConfig()
     started = time.perf_counter()
     graph = knn_graph(vectors, config)
     knn_seconds = time.perf_counter() - started
@@ -79,7 +84,13 @@ def run_sklearn_dbscan(vectors: np.ndarray) -> tuple[np.ndarray, float, float]:
     return labels, knn_seconds, time.perf_counter() - started - knn_seconds
 
 
-METHODS = {"facemine": run_facemine, "sklearn-dbscan": run_sklearn_dbscan}
+METHODS = {
+    "facemine": run_facemine,
+    "facemine-exact": partial(run_facemine, exact=True),
+    "sklearn-dbscan": run_sklearn_dbscan,
+}
+# Rows that run at every size; the others stop at --baseline-max.
+SCALABLE = {"facemine"}
 
 
 def worker(method: str, size: int) -> dict:
@@ -142,7 +153,7 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         for method in METHODS:
-            if method != "facemine" and size > args.baseline_max:
+            if method not in SCALABLE and size > args.baseline_max:
                 skipped = f"skipped (> --baseline-max {args.baseline_max})"
                 rows.append({"method": method, "size": size, "skipped": skipped})
                 continue

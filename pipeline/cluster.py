@@ -7,7 +7,11 @@ Public API
 a ``ClusterConfig`` and ``labels`` an (N,) int64 array, -1 for noise. Methods:
 
 - ``infomap`` (default): Infomap (map equation) on the k-NN graph, edges below
-  ``min_similarity`` dropped and the rest weighted by ``similarity - min_similarity``.
+  ``min_similarity`` dropped and the rest weighted by ``similarity - min_similarity``; each face
+  also links to itself (``infomap_self_weight``) so that a few weak links to strangers do not
+  pull it into their cluster, and a Markov time above 1 (``infomap_markov_time``) keeps a person
+  with hundreds of photos in one cluster. The defaults were chosen for robustness across photo
+  collections (see benchmarks/cluster_quality.py), not for the best score on any one of them.
 - ``components``: connected components of the graph above ``components_min_similarity``.
 - ``hac``: exact agglomerative clustering (``hac_linkage``, cut at ``hac_distance_threshold``);
   memory grows with N^2, so it refuses more than ``HAC_MAX_FACES`` faces.
@@ -20,13 +24,15 @@ a ``ClusterConfig`` and ``labels`` an (N,) int64 array, -1 for noise. Methods:
 the whole identity step. In order:
 
 1. faces of locked identities (``Constraints.fixed_members``) and excluded faces are set aside;
-2. the remaining quality-passed faces are clustered subset by subset; clusters smaller than
-   ``min_cluster_size`` dissolve;
-3. clusters of different subsets merge when their representatives agree (``merge_*``): mutual
-   best match per subset pair, a margin over the runner-up, and no cannot-link between them;
+2. the remaining quality-passed faces are clustered subset by subset;
+3. clusters of different subsets (single faces included) merge when their representatives agree
+   (``merge_*``): the median, over the representatives of both, of each one's best match on the
+   other side reaches ``merge_min_similarity``; the two are each other's best match in the
+   other's subset by ``merge_margin``; and no cannot-link lies between them;
 4. must-link pairs unite their clusters;
 5. cannot-links (two faces of one photo, human cannot-links) are enforced: of two conflicting
-   faces (or must-linked groups) the one less similar to the cluster centroid leaves;
+   faces (or must-linked groups) the one less similar to the cluster centroid leaves; clusters
+   smaller than ``min_cluster_size`` then dissolve;
 6. clusters take over earlier identity keys by face overlap (``match_identities``), locked
    identities keep theirs; faces rejected from the identity their cluster now carries leave it;
 7. every face still unassigned (low quality, dissolved, displaced) may attach to an unlocked
@@ -87,7 +93,13 @@ def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterCon
         np.column_stack([source[strong], target[strong], weight[strong]]),
         np.column_stack([faces, faces, np.full(len(faces), config.infomap_self_weight)]),
     ])
-    engine = infomap.Infomap(silent=True, two_level=True, seed=config.seed, num_trials=config.infomap_trials)
+    engine = infomap.Infomap(
+        silent=True,
+        two_level=True,
+        seed=config.seed,
+        num_trials=config.infomap_trials,
+        markov_time=config.infomap_markov_time,
+    )
     engine.add_nodes(range(len(faces)))
     engine.add_links(links[links[:, 2] > 0])
     modules = engine.run().modules()
@@ -157,10 +169,13 @@ def knn_graph(embeddings: np.ndarray, config: ClusterConfig) -> KnnGraph:
 def cluster(
     embeddings: np.ndarray, config: ClusterConfig = ClusterConfig(), graph: KnnGraph | None = None
 ) -> np.ndarray:
-    """Labels of one set of faces by ``config.method`` (-1 = noise); builds the k-NN graph unless given."""
+    """Labels of one set of faces by ``config.method`` (-1 = noise); builds the k-NN graph unless given.
+
+    A lone face is a cluster of its own.
+    """
     clusterer = get_clusterer(config.method)
     if len(embeddings) < 2:
-        return np.full(len(embeddings), UNASSIGNED, np.int64)
+        return np.zeros(len(embeddings), np.int64)
     return clusterer(embeddings, graph if graph is not None else knn_graph(embeddings, config), config)
 
 
@@ -226,7 +241,7 @@ def cluster_faces(
     get_clusterer(config.method)
     faces = _Faces.build(embeddings, photos, subsets, passed, constraints)
     labels, graphs = _cluster_subsets(faces, config)
-    labels = _dissolve_small(labels, config.min_cluster_size)
+    # Small clusters take part in the merge: one face per subset can still add up to a person.
     labels, merges = _merge_across_subsets(labels, faces, config)
     labels = _apply_must_links(labels, faces)
     labels, conflicts = _enforce_cannot_links(labels, faces, _centroid_similarity(labels, faces.vectors))
@@ -298,18 +313,18 @@ def _max_overlap_assignment(
     n_nodes = n_rows + int(cols.max()) + 1
     graph = coo_matrix((np.ones(len(rows)), (rows, cols + n_rows)), shape=(n_nodes, n_nodes))
     block = connected_components(graph, directed=False)[1][rows]
-    pairs = []
-    for member in np.split(np.argsort(block, kind="stable"), np.cumsum(np.bincount(block))[:-1]):
-        if len(member) == 0:
-            continue
+    # Most blocks are one cluster facing one identity: they match without an assignment problem.
+    alone = np.bincount(block)[block] == 1
+    pairs = list(zip(rows[alone].tolist(), cols[alone].tolist()))
+    shared = np.flatnonzero(~alone)
+    shared = shared[np.argsort(block[shared], kind="stable")]
+    for member in np.split(shared, np.flatnonzero(np.diff(block[shared])) + 1) if len(shared) else []:
         block_rows, row_index = np.unique(rows[member], return_inverse=True)
         block_cols, col_index = np.unique(cols[member], return_inverse=True)
         weights = np.zeros((len(block_rows), len(block_cols)))
         weights[row_index, col_index] = counts[member]
-        chosen_rows, chosen_cols = linear_sum_assignment(weights, maximize=True)
-        pairs += [
-            (int(block_rows[r]), int(block_cols[c])) for r, c in zip(chosen_rows, chosen_cols) if weights[r, c] > 0
-        ]
+        chosen = zip(*linear_sum_assignment(weights, maximize=True))
+        pairs += [(int(block_rows[r]), int(block_cols[c])) for r, c in chosen if weights[r, c] > 0]
     return pairs
 
 
@@ -410,12 +425,11 @@ def _cluster_subsets(faces: _Faces, config: ClusterConfig) -> tuple[np.ndarray, 
     graphs = []
     for subset in np.unique(faces.subsets[faces.clusterable]):
         members = np.flatnonzero(faces.clusterable & (faces.subsets == subset))
-        if len(members) < 2:
-            continue
-        graph = knn_graph(faces.vectors[members], config)
+        graph = knn_graph(faces.vectors[members], config) if len(members) > 1 else None
         subset_labels = cluster(faces.vectors[members], config, graph)
         labels[members] = np.where(subset_labels >= 0, subset_labels + labels.max() + 1, UNASSIGNED)
-        graphs.append((members, graph))
+        if graph is not None:
+            graphs.append((members, graph))
     return labels, graphs
 
 

@@ -202,6 +202,17 @@ def test_same_person_merges_across_subsets_but_a_look_alike_does_not() -> None:
     assert result.stats["merged_across_subsets"] == 1
 
 
+def test_one_face_per_subset_still_merges_into_an_identity() -> None:
+    vectors, truth = identities(3)
+    # Person 0 has a single face in each of two subsets; everyone else is in subset 0.
+    keep = np.r_[[0, 1], np.arange(PER_IDENTITY, 3 * PER_IDENTITY)]
+    subsets = np.r_[0, 1, np.zeros(2 * PER_IDENTITY, int)]
+    result = run(vectors[keep], subsets=subsets)
+
+    assert result.labels[0] == result.labels[1] >= 0
+    assert not np.isin(result.labels[0], result.labels[2:]).any()
+
+
 def test_match_identities_follows_relabelling_and_small_changes() -> None:
     previous = {face: "x" for face in range(10)} | {face: "y" for face in range(10, 20)}
     relabelled = {face: 5 for face in range(10)} | {face: 2 for face in range(10, 20)}

@@ -60,7 +60,15 @@ def closed_loop(
     min_churn: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01,
     export_name: Annotated[str, Field(min_length=1, max_length=255)] = "loop",
 ) -> dict:
-    """Run up to `iterations` rounds of export → retrain → gate → re-cluster on the current store."""
+    """Run up to `iterations` rounds of export → retrain → gate → re-cluster on the current store.
+
+    Args:
+        iterations: Most rounds to run.
+        loop_name: Loop whose iteration history continues.
+        config: Training parameters of every round.
+        min_churn: Stop once this share of face labels or less changes in a round.
+        export_name: Name of each round's dataset export.
+    """
     settings = Settings()
     payload = settings_payload(settings)
     store = store_for(payload)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Annotated
 
 from prefect import flow, get_run_logger, task
+from pydantic import Field
 
 from flows.gpu import gpu_slot
 from flows.holdout import holdout_metrics, load_holdout
@@ -81,12 +83,19 @@ def _export_val(metrics: dict) -> dict:
 @flow(name="retrain")
 def retrain(
     config: TrainConfig = TrainConfig(),
-    export_id: int | None = None,
+    export_id: Annotated[int | None, Field(ge=1)] = None,
     promote: bool = True,
     validation_pairs: str | None = None,
 ) -> dict:
-    """Fine-tune the current embedder on a dataset export (default: the newest) and promote the
-    result only if it beats the current model on the held-out gate metric (settings.gate)."""
+    """Fine-tune the current embedder on a dataset export and promote the result only if it beats
+    the current model on the held-out gate metric (settings.gate).
+
+    Args:
+        config: Training parameters.
+        export_id: Dataset export to train on; empty: the newest.
+        promote: Make the candidate the current embedder when it passes the gate.
+        validation_pairs: Held-out pairs CSV (path_a, path_b, same); empty: settings' gate.validation_pairs.
+    """
     settings = Settings()
     payload = settings_payload(settings)
     store = store_for(payload)

@@ -136,42 +136,62 @@ class ExportConfig(BaseModel):
 
 
 class TrainConfig(BaseModel):
-    # "current": fine-tune the embedder handed to training; "fresh": its architecture with
-    # re-initialised weights (then freeze_fraction must be 0).
-    base_model: str = "current"
-    # "arcface" (margin: angle in radians) or "cosface" (margin on the cosine, typically 0.35).
-    loss: str = "arcface"
-    margin: float = Field(default=0.5, ge=0.0, le=1.5)
-    scale: float = Field(default=64.0, gt=0.0)
-    # Sub-centres per class (sub-centre ArcFace, 3 is usual): tolerates noisy mined labels.
-    sub_centers: int = Field(default=1, ge=1, le=10)
-    # Partial FC: fraction of class centres scored per step; the batch's own classes always are.
-    partial_fc_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    epochs: int = Field(default=2, ge=1)
-    # Per process (GPU); the LR scales with the total over all processes.
-    batch_size: int = Field(default=64, ge=2)
-    base_lr: float = Field(default=0.01, gt=0.0)
-    # LR is scaled linearly from this reference batch size.
-    reference_batch_size: int = Field(default=256, ge=1)
-    warmup_epochs: float = Field(default=0.5, ge=0.0)
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=5e-4, ge=0.0)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    grad_clip: float = Field(default=5.0, gt=0.0)
-    # Fraction of parameter tensors, in module order, kept frozen (early layers).
-    freeze_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
-    # Start each class centre at the mean embedding of its faces (ignored for a fresh model).
-    imprint_centers: bool = True
-    # Per-chip augmentation probabilities; 0 turns one off.
-    flip_probability: float = Field(default=0.5, ge=0.0, le=1.0)
-    low_resolution_probability: float = Field(default=0.2, ge=0.0, le=1.0)
-    occlusion_probability: float = Field(default=0.2, ge=0.0, le=1.0)
-    # bf16 (or fp16 with loss scaling) autocast on CUDA; CPU always trains in float32.
-    mixed_precision: bool = True
-    num_workers: int = Field(default=2, ge=0)
-    # Validation pairs: at most this many same-identity pairs, and as many different-identity ones.
-    val_max_pairs: int = Field(default=20_000, ge=2)
-    seed: int = 0
+    """Retraining parameters; the descriptions are the help texts of the Prefect UI's run form."""
+
+    base_model: Literal["current", "fresh"] = Field(
+        default="current",
+        description="current: fine-tune the current embedder; fresh: its architecture with re-initialised "
+        "weights (then freeze_fraction must be 0)",
+    )
+    loss: Literal["arcface", "cosface"] = Field(
+        default="arcface",
+        description="Margin softmax: arcface (margin is an angle in radians, 0.5 usual) or cosface "
+        "(margin on the cosine, 0.35 usual)",
+    )
+    margin: float = Field(default=0.5, ge=0.0, le=1.5, description="Margin of the loss")
+    scale: float = Field(default=64.0, gt=0.0, description="Scale of the normalised logits")
+    sub_centers: int = Field(
+        default=1, ge=1, le=10, description="Sub-centres per class (sub-centre ArcFace; 3 tolerates noisy labels)"
+    )
+    partial_fc_fraction: float = Field(
+        default=1.0, gt=0.0, le=1.0,
+        description="Partial FC: fraction of class centres scored per step (the batch's own classes always are)",
+    )
+    epochs: int = Field(default=2, ge=1, description="Passes over the exported training split")
+    batch_size: int = Field(default=64, ge=2, description="Chips per step and process (GPU)")
+    base_lr: float = Field(
+        default=0.01, gt=0.0, description="Learning rate at reference_batch_size, scaled linearly with the total batch"
+    )
+    reference_batch_size: int = Field(default=256, ge=1, description="Batch size base_lr refers to")
+    warmup_epochs: float = Field(default=0.5, ge=0.0, description="Linear warmup before the cosine decay")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    weight_decay: float = Field(default=5e-4, ge=0.0, description="SGD weight decay")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="Label smoothing of the softmax target")
+    grad_clip: float = Field(default=5.0, gt=0.0, description="Gradient norm clip")
+    freeze_fraction: float = Field(
+        default=0.8, ge=0.0, le=1.0,
+        description="Fraction of parameter tensors, in module order, kept frozen (early layers); 0.8 is feasible on CPU",
+    )
+    imprint_centers: bool = Field(
+        default=True, description="Start each class centre at the mean embedding of its faces (not for a fresh model)"
+    )
+    flip_probability: float = Field(default=0.5, ge=0.0, le=1.0, description="Horizontal flip augmentation")
+    low_resolution_probability: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="Down-and-up-sampling (low-resolution blur) augmentation"
+    )
+    occlusion_probability: float = Field(
+        default=0.2, ge=0.0, le=1.0, description="Random erasing (occlusion) augmentation"
+    )
+    mixed_precision: bool = Field(
+        default=True, description="bf16 (or fp16 with loss scaling) autocast on CUDA; CPU always trains in float32"
+    )
+    num_workers: int = Field(default=2, ge=0, description="Data-loading worker processes")
+    val_max_pairs: int = Field(
+        default=20_000, ge=2,
+        description="Validation pairs from the export's val split: at most this many same-identity pairs, "
+        "and as many different-identity ones",
+    )
+    seed: int = Field(default=0, description="Random seed of initialisation, sampling and augmentation")
 
 
 class GateConfig(BaseModel):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 from prefect.exceptions import ParameterTypeError, PrefectHTTPStatusError
+from prefect.utilities.callables import parameter_schema
 from prefect_helpers import (
     NEVER_DURING_TESTS,
     api_client,
@@ -112,8 +113,18 @@ def test_flows_refuse_bad_parameters_with_a_clear_message() -> None:
         mine.validate_parameters({"folders": ["/photos"], "subset": ""})
     with pytest.raises(ParameterTypeError, match=r"config\.epochs: Input should be greater than or equal to 1"):
         retrain.validate_parameters({"config": {"epochs": 0}})
+    with pytest.raises(ParameterTypeError, match=r"config\.loss: Input should be 'arcface' or 'cosface'"):
+        retrain.validate_parameters({"config": {"loss": "triplet"}})
     with pytest.raises(ParameterTypeError, match=r"subsets"):
         cluster.validate_parameters({"subsets": "not a list"})
+
+
+def test_retrain_form_explains_every_parameter() -> None:
+    schema = parameter_schema(retrain.fn).model_dump()
+    described = {name for name, field in schema["properties"].items() if field.get("description")}
+    train_fields = schema["definitions"]["TrainConfig"]["properties"]
+    assert described == set(schema["properties"])
+    assert all(field.get("description") for field in train_fields.values()), "a TrainConfig field lacks help text"
 
 
 def test_serve_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,7 @@ Also scored: the loop's own labelling of the mined CelebA photos against their l
 Iteration 0 is the store's current model (SFace in a fresh store). The gate promotes a candidate
 only when it beats the current model on --gate-metric (default verification_accuracy). On CPU
 only the last layers train (--freeze); on a GPU use --freeze 0 for the full fine-tune. --workers
-stays 0: forked DataLoader workers die inside a Prefect 3.8 task (Prefect's thread-exit hook
-asserts in fork children), until pipeline/train.py starts them with forkserver.
+defaults to 0: on two CPU cores, loader processes only compete with training for them.
 
     .venv/bin/python benchmarks/closed_loop.py [--limit 500] [--iterations 2] [--epochs 2] [--freeze 0.8]
 """

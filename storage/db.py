@@ -1,4 +1,4 @@
-"""Engine, sessions and migrations. SQLite (WAL) by default, any SQLAlchemy URL by setting."""
+"""Engine, sessions and migrations. SQLite (WAL) by default; PostgreSQL or any SQLAlchemy URL by setting."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,10 +8,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Key of the advisory lock every facemine transaction on a PostgreSQL database takes ("face").
+POSTGRES_LOCK_KEY = 0x66616365
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -33,16 +35,30 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "begin")
+    def on_begin(connection) -> None:  # noqa: ANN001
+        # Storage relies on one transaction at a time, as BEGIN IMMEDIATE gives on SQLite
+        # (get-or-create of subsets, photos and models; max + 1 versions). Under READ COMMITTED
+        # two runs would both miss a row and both insert it, and one would fail on the unique
+        # constraint; this lock serialises them instead and is released at COMMIT or ROLLBACK.
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({POSTGRES_LOCK_KEY})")
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
         db_path = url.split("///", 1)[-1]
         if db_path and db_path != ":memory:":
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if backend == "postgresql":
+        _configure_postgresql(engine)
+    return engine
 
 
 def alembic_config(url: str) -> Config:

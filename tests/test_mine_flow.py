@@ -35,9 +35,9 @@ def link_photos(folder: Path, photos: list[Path]) -> Path:
     return folder
 
 
-def stored_rows(data_dir: Path) -> pd.DataFrame:
+def stored_rows(data_dir: Path, database_url: str | None = None) -> pd.DataFrame:
     """Everything mining stores, keyed by content rather than by autoincrement ids."""
-    store = Store(Settings(data_dir=data_dir))
+    store = Store(Settings(data_dir=data_dir, database_url=database_url))
     with store.session() as session:
         images = pd.DataFrame(
             session.execute(select(Image.id, Image.path, Image.status, Image.reason, Image.content_hash)).mappings().all()
@@ -160,31 +160,37 @@ def _image_count(data_dir: Path) -> int:
         return 0
 
 
-def _mine_in_process(data_dir: str, paths: list[str]) -> None:
+def _mine_in_process(payload: str, paths: list[str]) -> None:
     from flows.mine import mine_paths
+
+    mine_paths("c", paths, payload)
+
+
+def assert_concurrent_runs_create_no_duplicates(settings: Settings) -> None:
+    """Two processes mine overlapping photos into one store at the same time (also used for PostgreSQL)."""
     from flows.runtime import settings_payload
 
-    mine_paths("c", paths, settings_payload(Settings(data_dir=Path(data_dir))))
-
-
-def test_concurrent_runs_on_overlapping_photos_create_no_duplicates(tmp_path):
     photos = [str(p) for p in lfw_photos(12, start=2000)]
-    Store(Settings(data_dir=tmp_path / "data"))  # schema first, as any run would
+    Store(settings)  # schema first, as any run would
+    payload = settings_payload(settings)
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_mine_in_process, args=(str(tmp_path / "data"), photos[:8])),
-        context.Process(target=_mine_in_process, args=(str(tmp_path / "data"), photos[4:])),
+        context.Process(target=_mine_in_process, args=(payload, photos[:8])),
+        context.Process(target=_mine_in_process, args=(payload, photos[4:])),
     ]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(timeout=600)
         assert worker.exitcode == 0
-    rows = stored_rows(tmp_path / "data")
+    rows = stored_rows(settings.data_dir, settings.database_url)
     assert rows.path.nunique() == 12
     assert not rows.duplicated(["path", "face_index"]).any()
-    store = Store(Settings(data_dir=tmp_path / "data"))
-    with store.session() as session:
+    with Store(settings).session() as session:
         faces = session.scalar(select(func.count()).select_from(Face))
         indexed = session.scalar(select(func.count()).select_from(Embedding))
     assert faces == indexed == len(rows)
+
+
+def test_concurrent_runs_on_overlapping_photos_create_no_duplicates(tmp_path):
+    assert_concurrent_runs_create_no_duplicates(Settings(data_dir=tmp_path / "data"))

@@ -14,12 +14,16 @@ from storage.settings import Settings
 from storage.store import Store
 
 
+def schema_differences(url: str) -> list:
+    """How the migrated database at `url` differs from the models (empty: they match)."""
+    with get_engine(url).connect() as connection:
+        return compare_metadata(MigrationContext.configure(connection), Base.metadata)
+
+
 def test_migrations_create_exactly_the_models_schema(tmp_path):
     store = Store(Settings(data_dir=tmp_path))
     Store(Settings(data_dir=tmp_path))  # migrating twice is harmless
-    with get_engine(store.url).connect() as connection:
-        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert differences == []
+    assert schema_differences(store.url) == []
 
 
 def test_embedding_shards_gather_by_face_id_memory_mapped(tmp_path):

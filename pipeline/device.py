@@ -1,6 +1,7 @@
 """Device choice shared by every torch-using stage."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from pipeline.errors import FacemineError
@@ -22,3 +23,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FacemineError(f"device '{device}' requested but CUDA is not available")
     return resolved
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def limit_cpu_threads(count: int) -> None:
+    """Cap torch's intra-op threads, e.g. in each of several worker processes sharing the cores."""
+    import torch
+
+    torch.set_num_threads(max(1, count))

@@ -60,6 +60,11 @@ class Preprocessing:
         object.__setattr__(self, "std", tuple(float(value) for value in self.std))
 
 
+# Chips per forward pass. On a CPU small batches stay in cache: SFace on two cores takes 11 ms a
+# face in batches of 8 and 43 ms in batches of 128. A GPU wants large batches.
+DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 256}
+
+
 @dataclass
 class Embedder:
     """A face-recognition module together with what it needs to be fed and identified.
@@ -102,11 +107,14 @@ class Embedder:
             batch = batch.flip(1)
         return TF.normalize(batch, mean=list(self.preprocessing.mean), std=list(self.preprocessing.std))
 
-    def embed(self, chips: np.ndarray, batch_size: int = 128, flip_tta: bool = False) -> np.ndarray:
+    def embed(self, chips: np.ndarray, batch_size: int | None = None, flip_tta: bool = False) -> np.ndarray:
         """L2-normalised float32 (N, embedding_dim) embeddings of aligned uint8 RGB chips.
 
-        `flip_tta` adds the features of the mirrored chip before normalising (test-time augmentation).
+        `batch_size` defaults per device (`DEFAULT_BATCH_SIZE`). `flip_tta` adds the features of
+        the mirrored chip before normalising (test-time augmentation).
         """
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE.get(self.device.type, DEFAULT_BATCH_SIZE["cpu"])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(chips) == 0:

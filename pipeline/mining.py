@@ -48,7 +48,7 @@ class Miner:
         embedder: Embedder,
         ingest: IngestConfig,
         quality: QualityConfig,
-        embed_batch_size: int = 128,
+        embed_batch_size: int | None = None,
         flip_tta: bool = False,
         decode_workers: int = 2,
     ) -> None:
@@ -139,7 +139,7 @@ def build_miner(
     detect: DetectConfig,
     quality: QualityConfig,
     embedder: Embedder,
-    embed_batch_size: int,
+    embed_batch_size: int | None,
     flip_tta: bool,
     decode_workers: int,
 ) -> Miner:

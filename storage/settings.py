@@ -42,6 +42,10 @@ class MineConfig(BaseModel):
     retry_delay_seconds: float = Field(default=2.0, ge=0.0)
     # Decode photos in this many threads while the models run.
     decode_workers: int = Field(default=2, ge=1)
+    # Processes mining shards side by side; 0 = automatic: one per CPU core without a GPU
+    # (MTCNN's many small operations use a core each better than two threads share them),
+    # one with a GPU (the GPU is what they would share).
+    workers: int = Field(default=0, ge=0)
 
 
 class ServeConfig(BaseModel):

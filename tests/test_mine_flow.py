@@ -123,6 +123,32 @@ def test_rerun_adds_nothing_and_changed_photo_is_redone(tmp_path, data_dir, pref
     assert after[after.path == str(changed)].content_hash.iloc[0] != old_hash
 
 
+def test_shards_shrink_so_that_workers_finish_together() -> None:
+    from flows.mine import shard_paths
+
+    paths = [f"{index}.jpg" for index in range(3214)]
+    assert [len(shard) for shard in shard_paths(paths, 1000)] == [1000, 1000, 1000, 214]
+    balanced = shard_paths(paths, 1000, workers=2)
+    assert [path for shard in balanced for path in shard] == paths
+    assert len(balanced) == 8 and max(map(len, balanced)) == 402
+    assert shard_paths(paths[:150], 1000, workers=2) == [paths[:100], paths[100:]]  # never below 100
+
+
+def test_worker_processes_store_what_one_process_stores(tmp_path, prefect_harness, monkeypatch):
+    from flows.mine import mine
+
+    photos = link_photos(tmp_path / "photos", lfw_photos(12, start=3000))
+    stored = []
+    for workers in (1, 2):
+        data = tmp_path / f"workers-{workers}"
+        monkeypatch.setenv("FACEMINE_DATA_DIR", str(data))
+        monkeypatch.setenv("FACEMINE_MINE__WORKERS", str(workers))
+        summary = mine(folders=[str(photos)], subset="w", shard_size=4)
+        assert (summary.photos_new, summary.faces_found > 0) == (12, True)
+        stored.append(stored_rows(data))
+    assert_same_rows(*stored)
+
+
 def test_killed_run_resumes_to_the_same_rows(tmp_path):
     photos = link_photos(tmp_path / "photos", lfw_photos(48, start=1000))
     reference = tmp_path / "reference" / "data"

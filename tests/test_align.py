@@ -189,12 +189,16 @@ def test_flip_twice_is_identity():
 def test_flipped_landmarks_match_detection_on_flipped_photo(detector, lfw_faces):
     images = [image for image, _ in lfw_faces]
     mirrored_faces = detector.detect([flip_image(image) for image in images])
+    relative_errors = []
     for (image, face), faces in zip(lfw_faces, mirrored_faces):
         width = image.shape[1]
         on_mirror = central_face(faces, image).landmarks
         error = np.linalg.norm(flip_landmarks(face.landmarks, width) - on_mirror, axis=1)
-        assert error.mean() < 5.0, error
+        # MTCNN itself is not exactly mirror-symmetric: typically 4 % of the face width apart.
+        relative_errors.append(error.mean() / (face.box[2] - face.box[0]))
+        assert relative_errors[-1] < 0.1, (error, face.box)
         # Mirroring x without swapping the sides would be far off.
         unswapped = face.landmarks.copy()
         unswapped[:, 0] = width - 1 - unswapped[:, 0]
         assert np.linalg.norm(unswapped - on_mirror, axis=1).mean() > 3 * error.mean()
+    assert np.median(relative_errors) < 0.05

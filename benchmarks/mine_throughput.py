@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.measure import measured  # noqa: E402
+from benchmarks.measure import Measurement, measured  # noqa: E402
 
 DEFAULT_FOLDER = REPO.parent / "shared" / "data" / "celeba" / "images"
 
@@ -35,6 +35,16 @@ def photo_paths(folder: Path, limit: int | None) -> list[str]:
 
     paths = [str(p) for p in iter_image_files([folder], IngestConfig().extensions)]
     return paths[:limit] if limit else paths
+
+
+def side_result(photos: int, faces: int, start: Measurement, run: Measurement) -> dict:
+    return {
+        "photos": photos,
+        "faces": faces,
+        "seconds": run.seconds,
+        "start_seconds": start.seconds,
+        "peak_rss_mib": max(start.peak_rss_mib, run.peak_rss_mib),
+    }
 
 
 def run_facemine(paths: list[str]) -> dict:
@@ -54,13 +64,7 @@ def run_facemine(paths: list[str]) -> dict:
             mine(folders=[str(empty)], subset="benchmark")
         with measured(process_tree=True) as run:
             summary = mine(folders=[str(photos)], subset="benchmark")
-    return {
-        "photos": len(paths),
-        "faces": summary.faces_found,
-        "seconds": run.seconds,
-        "start_seconds": start.seconds,
-        "peak_rss_mib": max(start.peak_rss_mib, run.peak_rss_mib),
-    }
+    return side_result(len(paths), summary.faces_found, start, run)
 
 
 def run_naive(paths: list[str]) -> dict:
@@ -88,13 +92,7 @@ def run_naive(paths: list[str]) -> dict:
                 chip = align_face(image, points, "arcface_112")
                 embedder.embed(chip[None])
                 faces += 1
-    return {
-        "photos": len(paths),
-        "faces": faces,
-        "seconds": run.seconds,
-        "start_seconds": start.seconds,
-        "peak_rss_mib": max(start.peak_rss_mib, run.peak_rss_mib),
-    }
+    return side_result(len(paths), faces, start, run)
 
 
 def run_side(side: str, folder: Path, limit: int | None) -> dict:

@@ -489,7 +489,7 @@ def _worker_options(config: TrainConfig) -> dict:
     exit hook (prefect 3.8), and forkserver is also safe with CUDA initialised."""
     if config.num_workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": config.num_workers, "multiprocessing_context": "forkserver", "persistent_workers": False}
+    return {"num_workers": config.num_workers, "multiprocessing_context": "forkserver"}
 
 
 def _train_epoch(

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 
 from flows.evaluate import read_truth
 from flows.gpu import gpu_slot
-from flows.runtime import load_embedder, settings_from, store_for
+from flows.runtime import inference_embedder, settings_from, store_for
 from pipeline.detect import FaceDetector
 from pipeline.errors import FacemineError
 from pipeline.holdout import clustering_holdout_metrics, largest_face, verification_metrics
@@ -134,7 +134,7 @@ def holdout_metrics(payload: str, model_id: int, holdout: Holdout | None) -> dic
     if stored.get("holdout") == key:
         return {name: value for name, value in stored.items() if name.startswith(("verification_", "clustering_"))}
     model = store.model(model_id)
-    embedder = load_embedder(model.kind, model.weights_path, settings.embed.device)
+    embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
     chips = holdout_chips(holdout, embedder.preprocessing.template, settings)
     vectors = np.zeros((len(holdout.paths), embedder.preprocessing.embedding_dim), np.float32)
     with gpu_slot():

@@ -34,6 +34,12 @@ def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
     return create_embedder(kind, weights=weights, device=device)
 
 
+@lru_cache(maxsize=4)
+def inference_embedder(kind: str, weights: str | None, device: str) -> Embedder:
+    """`load_embedder`'s model sped up for embedding only (`Embedder.for_inference`); train the other."""
+    return load_embedder(kind, weights, device).for_inference()
+
+
 def register(
     store: Store,
     embedder: Embedder,
@@ -76,7 +82,7 @@ def miner_for(payload: str) -> tuple[Miner, ModelInfo]:
 @lru_cache(maxsize=2)
 def _miner(payload: str, kind: str, weights: str | None) -> Miner:
     settings = settings_from(payload)
-    embedder = load_embedder(kind, weights, settings.embed.device)
+    embedder = inference_embedder(kind, weights, settings.embed.device)
     return build_miner(
         settings.ingest,
         settings.detect,

@@ -21,14 +21,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from facenet_pytorch import MTCNN
+from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg, generateBoundingBox, imresample, rerec
+from torchvision.ops import batched_nms
 
 from pipeline.config import DetectConfig, IngestConfig
 from pipeline.device import resolve_device
+from pipeline.inference import optimized_for_inference
 from pipeline.ingest import downscale_for_detection
 
 # Zero padding costs as much compute as photo pixels; beyond this ratio a photo starts a new
 # batch instead, since batching mainly saves per-call overhead.
 _MAX_PADDED_TO_REAL_PIXELS = 1.5
+# P-net sees 12x12 windows: a face of min_face_size pixels is shrunk to this size first.
+_PNET_CELL = 12.0
 
 
 @dataclass
@@ -54,15 +59,12 @@ class FaceDetector:
         self.config = config
         self.device = resolve_device(device)
         self.max_side = max_side
-        self.mtcnn = MTCNN(
-            keep_all=True,
-            post_process=False,
-            select_largest=False,
-            min_face_size=config.min_face_size,
-            thresholds=list(config.stage_thresholds),
-            factor=config.scale_factor,
-            device=self.device,
-        ).eval()
+        # Only MTCNN's three nets (with the weights shipped in facenet-pytorch) are used; the
+        # detection steps are `_three_stages`.
+        nets = MTCNN(device=self.device)
+        self.pnet = optimized_for_inference(nets.pnet, torch.zeros(1, 3, 64, 64, device=self.device))
+        self.rnet = optimized_for_inference(nets.rnet, torch.zeros(2, 3, 24, 24, device=self.device))
+        self.onet = optimized_for_inference(nets.onet, torch.zeros(2, 3, 48, 48, device=self.device))
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Detection]]:
         """Faces per photo, each list sorted by score descending; [] for a photo without faces."""
@@ -113,8 +115,67 @@ class FaceDetector:
         for slot, image in zip(canvas, images):
             slot[: image.shape[0], : image.shape[1]] = image
         with torch.inference_mode():
-            boxes, scores, landmarks = self.mtcnn.detect(torch.from_numpy(canvas), landmarks=True)
-        return [_as_arrays(*found) for found in zip(boxes, scores, landmarks)]
+            # Contiguous NCHW: area resizing of channels-last pixels is slower.
+            batch = torch.from_numpy(canvas).to(self.device).permute(0, 3, 1, 2).float().contiguous()
+            boxes, owners, landmarks = self._three_stages(batch)
+        boxes, owners, landmarks = boxes.cpu().double().numpy(), owners.cpu().numpy(), landmarks.cpu().double().numpy()
+        return [(boxes[owners == i, :4], boxes[owners == i, 4], landmarks[owners == i]) for i in range(len(images))]
+
+    def _three_stages(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MTCNN over (N, 3, H, W) float pixels: boxes with scores (M, 5), photo index (M,), landmarks (M, 5, 2).
+
+        The steps and constants are facenet-pytorch's `detect_face`, reusing its helpers, and the
+        results are the same. It is written out here only so that the three nets can run through
+        `optimized_for_inference` (its driver needs eager modules): detection takes about 40 %
+        less time on a CPU.
+        """
+        min_face, factor = self.config.min_face_size, self.config.scale_factor
+        thresholds = self.config.stage_thresholds
+        height, width = images.shape[2:]
+        scale, side = _PNET_CELL / min_face, min(height, width) * _PNET_CELL / min_face
+        candidates, owners = [], []
+        while side >= _PNET_CELL:
+            resized = imresample(images, (int(height * scale + 1), int(width * scale + 1)))
+            regression, probabilities = self.pnet(_normalize(resized))
+            found, owner = generateBoundingBox(regression, probabilities[:, 1], scale, thresholds[0])
+            keep = batched_nms(found[:, :4], found[:, 4], owner, 0.5)
+            candidates.append(found[keep])
+            owners.append(owner[keep])
+            scale, side = scale * factor, side * factor
+        found = torch.cat(candidates) if candidates else torch.zeros(0, 9, device=images.device)
+        owner = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.int64, device=images.device)
+        keep = batched_nms(found[:, :4], found[:, 4], owner, 0.7)
+        found, owner = found[keep], owner[keep]
+        # P-net's regression scales by width without MTCNN's +1 (unlike `bbreg` in later stages).
+        size = (found[:, 2:4] - found[:, 0:2]).repeat(1, 2)
+        boxes = rerec(torch.cat([found[:, :4] + found[:, 5:9] * size, found[:, 4:5]], dim=1))
+
+        crops, boxes, owner = _crops(images, boxes, owner, 24)
+        if len(boxes):
+            regression, probabilities = self.rnet(crops)
+            passed = probabilities[:, 1] > thresholds[1]
+            boxes = torch.cat([boxes[passed, :4], probabilities[passed, 1:2]], dim=1)
+            owner, regression = owner[passed], regression[passed]
+            keep = batched_nms(boxes[:, :4], boxes[:, 4], owner, 0.7)
+            boxes = rerec(bbreg(boxes[keep], regression[keep]))
+            owner = owner[keep]
+
+        crops, boxes, owner = _crops(images, boxes, owner, 48)
+        if not len(boxes):
+            return boxes, owner, torch.zeros(0, 5, 2, device=images.device)
+        regression, points, probabilities = self.onet(crops)
+        passed = probabilities[:, 1] > thresholds[2]
+        boxes = torch.cat([boxes[passed, :4], probabilities[passed, 1:2]], dim=1)
+        owner, regression, points = owner[passed], regression[passed], points[passed]
+        # Landmarks are relative to the box before the final regression (MTCNN's +1 pixel convention).
+        box_width = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        box_height = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        landmarks = torch.stack(
+            [box_width * points[:, :5] + boxes[:, 0:1] - 1, box_height * points[:, 5:] + boxes[:, 1:2] - 1], dim=2
+        )
+        boxes = bbreg(boxes, regression)
+        keep = batched_nms_numpy(boxes[:, :4], boxes[:, 4], owner, 0.7, "Min")
+        return boxes[keep], owner[keep], landmarks[keep]
 
     def _to_detections(
         self, boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray, scale: float
@@ -126,12 +187,27 @@ class FaceDetector:
         return [Detection(box=boxes[i], score=float(scores[i]), landmarks=landmarks[i]) for i in order]
 
 
-def _as_arrays(boxes, scores, landmarks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MTCNN's per-photo output (None when no face, object arrays otherwise) as float64 arrays."""
-    if boxes is None:
-        return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
-    return (
-        np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-        np.asarray(scores, dtype=np.float64).reshape(-1),
-        np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2),
-    )
+def _normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """MTCNN's input scaling of 0..255 pixels."""
+    return (pixels - 127.5) * 0.0078125
+
+
+def _crops(
+    images: torch.Tensor, boxes: torch.Tensor, owners: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each box's part inside its photo, area-resized to size x size and normalised, as
+    facenet-pytorch cuts them (box clipped to the photo's 1-based pixel bounds); boxes that do
+    not reach into the photo are dropped. Crop sizes differ, so this stays a loop: a batched
+    `roi_align` was slower here and averages pixels differently."""
+    height, width = images.shape[2:]
+    bounds = boxes[:, :4].trunc().long().tolist()
+    crops, kept = [], []
+    for index, ((left, top, right, bottom), owner) in enumerate(zip(bounds, owners.tolist())):
+        left, top, right, bottom = max(left, 1) - 1, max(top, 1) - 1, min(right, width), min(bottom, height)
+        if right > left and bottom > top:
+            crops.append(imresample(images[owner : owner + 1, :, top:bottom, left:right], (size, size)))
+            kept.append(index)
+    if not crops:
+        return images.new_zeros((0, 3, size, size)), boxes[:0], owners[:0]
+    kept_index = torch.tensor(kept, device=boxes.device)
+    return _normalize(torch.cat(crops)), boxes[kept_index], owners[kept_index]

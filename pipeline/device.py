@@ -35,3 +35,4 @@ def limit_cpu_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, count))
+

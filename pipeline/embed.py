@@ -27,6 +27,7 @@ from facenet_pytorch.models.inception_resnet_v1 import get_torch_home
 
 from pipeline.align import TEMPLATES
 from pipeline.device import resolve_device
+from pipeline.inference import optimized_for_inference
 from pipeline.errors import FacemineError
 from pipeline.hashing import file_sha256
 
@@ -106,6 +107,13 @@ class Embedder:
         if self.preprocessing.color == "BGR":
             batch = batch.flip(1)
         return TF.normalize(batch, mean=list(self.preprocessing.mean), std=list(self.preprocessing.std))
+
+    def for_inference(self) -> Embedder:
+        """This embedder with its module made fast for embedding (`optimized_for_inference`: about
+        1.5x on a CPU, equal outputs). Inference only: the copy's module cannot be trained."""
+        size = self.preprocessing.input_size
+        example = self.to_tensor(np.zeros((2, size, size, 3), np.uint8))
+        return dataclasses.replace(self, module=optimized_for_inference(self.module, example))
 
     def embed(self, chips: np.ndarray, batch_size: int | None = None, flip_tta: bool = False) -> np.ndarray:
         """L2-normalised float32 (N, embedding_dim) embeddings of aligned uint8 RGB chips.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
+from facenet_pytorch import MTCNN
 from torchvision.ops import box_iou
 
 from pipeline.config import DetectConfig, IngestConfig
@@ -203,6 +204,34 @@ def test_batched_matches_one_at_a_time(detector):
     # The padded pyramid resamples slightly differently: small jitter, the same faces.
     assert np.median(ious) > 0.85 and np.median(landmark_offsets) < 0.05
     assert max(landmark_offsets) < 0.2
+
+
+def test_same_detections_as_facenet_pytorch_mtcnn(detector):
+    """The three stages are written out to run faster nets; on real photos, alone and in a padded
+    batch, they must find exactly what facenet-pytorch's own MTCNN finds."""
+    config = detector.config
+    reference = MTCNN(
+        keep_all=True, min_face_size=config.min_face_size, thresholds=list(config.stage_thresholds),
+        factor=config.scale_factor, device="cpu",
+    )
+    photos = [read_rgb(ANNOTATED / name) for name in ("2008_002470.jpg", "2008_007676.jpg", "2007_007763.jpg")]
+    photos += [read_rgb(LFW / "images" / "AJ_Cook" / "AJ_Cook_0001.jpg")]
+    padded = np.zeros((len(photos), max(p.shape[0] for p in photos), max(p.shape[1] for p in photos), 3), np.uint8)
+    for slot, photo in zip(padded, photos):
+        slot[: photo.shape[0], : photo.shape[1]] = photo
+    for batch in [[photo] for photo in photos] + [list(padded)]:
+        ours = detector._run_mtcnn(batch)
+        theirs = reference.detect(np.stack(batch), landmarks=True)
+        for (boxes, scores, landmarks), their_boxes, their_scores, their_landmarks in zip(ours, *theirs):
+            assert their_boxes is not None and len(boxes) == len(their_boxes) > 0
+            # Compared in one order: by left edge (scores tie near 1.0).
+            ours_order, their_order = np.argsort(boxes[:, 0]), np.argsort(np.asarray(their_boxes, np.float64)[:, 0])
+            np.testing.assert_allclose(boxes[ours_order], np.asarray(their_boxes, np.float64)[their_order], atol=1e-3)
+            np.testing.assert_allclose(scores[ours_order], np.asarray(their_scores, np.float64)[their_order], atol=1e-4)
+            np.testing.assert_allclose(
+                landmarks[ours_order], np.asarray(their_landmarks, np.float64)[their_order], atol=1e-3
+            )
+    assert sum(len(boxes) for boxes, _, _ in detector._run_mtcnn(list(padded))) >= 15
 
 
 def test_downscaled_detection_reports_original_pixels():

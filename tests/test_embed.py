@@ -123,6 +123,17 @@ def test_embed_runs_in_eval_and_inference_mode_then_restores_training(
     assert seen == [(False, True), (False, True)]
 
 
+def test_inference_copy_embeds_the_same_and_refuses_training(sface: Embedder, lfw_photos_112: np.ndarray) -> None:
+    fast = sface.for_inference()
+    assert fast.weights_hash == sface.weights_hash and fast.module is not sface.module
+    np.testing.assert_allclose(fast.embed(lfw_photos_112, batch_size=4), sface.embed(lfw_photos_112), atol=1e-5)
+    np.testing.assert_allclose(
+        fast.embed(lfw_photos_112[:1], flip_tta=True), sface.embed(lfw_photos_112[:1], flip_tta=True), atol=1e-5
+    )
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        fast.module.train()
+
+
 def test_empty_input_gives_empty_embeddings(sface: Embedder) -> None:
     embeddings = sface.embed(np.zeros((0, 112, 112, 3), dtype=np.uint8))
     assert embeddings.shape == (0, 128)

@@ -1,4 +1,7 @@
-"""Detect: faces with five landmarks, batched MTCNN (facenet-pytorch).
+"""Detect: faces with five landmarks, batched MTCNN (facenet-pytorch's nets and weights).
+
+facenet-pytorch's three-stage procedure is followed step by step (`FaceDetector._three_stages`,
+tested equal to its own `MTCNN.detect`) so that the nets can run as optimised inference graphs.
 
 Landmark order is MTCNN's: left eye, right eye, nose, mouth left, mouth right, with left/right
 as seen in the image (the left eye has the smaller x on a frontal face). tests/test_detect.py

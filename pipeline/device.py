@@ -35,4 +35,3 @@ def limit_cpu_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, count))
-

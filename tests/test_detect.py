@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 from facenet_pytorch import MTCNN
+from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou
 
 from pipeline.config import DetectConfig, IngestConfig

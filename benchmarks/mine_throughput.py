@@ -133,11 +133,13 @@ def main() -> None:
     }
     print(f"{'':28}{'naive loop':>12}{'facemine':>12}")
     for label, (naive, facemine) in rows.items():
-        print(f"{label:28}{naive:>12.2f}{facemine:>12.2f}" if isinstance(naive, float) else f"{label:28}{naive:>12}{facemine:>12}")
+        digits = ".2f" if isinstance(naive, float) else ""
+        print(f"{label:28}{naive:>12{digits}}{facemine:>12{digits}}")
     speedup = rows["photos/s"][1] / rows["photos/s"][0]
     with_start = rows["photos/s, start included"][1] / rows["photos/s, start included"][0]
     print(f"speed-up: {speedup:.2f}x mining, {with_start:.2f}x with the one-off start (target on 2 CPU cores: >= 2x)")
     print("start: models for the naive loop; Prefect's ephemeral API, its database and the store for facemine")
+
 
 if __name__ == "__main__":
     main()

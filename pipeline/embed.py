@@ -27,9 +27,9 @@ from facenet_pytorch.models.inception_resnet_v1 import get_torch_home
 
 from pipeline.align import TEMPLATES
 from pipeline.device import resolve_device
-from pipeline.inference import optimized_for_inference
 from pipeline.errors import FacemineError
 from pipeline.hashing import file_sha256
+from pipeline.inference import optimized_for_inference
 
 CHECKPOINT_FORMAT = "facemine-embedder/1"
 

@@ -20,7 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["FACEMINE_CONFIG"] = str(REPO / "tests" / "no-such-config.toml")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
-    os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / ".pytest_cache" / "prefect-home"))
+    prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / ".pytest_cache" / "prefect-home")))
+    # Prefect creates its home without parents: on a fresh checkout .pytest_cache does not exist yet.
+    prefect_home.mkdir(parents=True, exist_ok=True)
     if not DATA.is_dir():
         raise pytest.UsageError(f"test data not found at {DATA}: check out the repo beside ../shared")
 

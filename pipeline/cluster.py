@@ -6,12 +6,13 @@ Public API
 ``embeddings`` is (N, D), ``graph`` the ``pipeline.graph.KnnGraph`` over those rows, ``config``
 a ``ClusterConfig`` and ``labels`` an (N,) int64 array, -1 for noise. Methods:
 
-- ``infomap`` (default): Infomap (map equation) on the k-NN graph, edges below
-  ``min_similarity`` dropped and the rest weighted by ``similarity - min_similarity``; each face
-  also links to itself (``infomap_self_weight``) so that a few weak links to strangers do not
-  pull it into their cluster, and a Markov time above 1 (``infomap_markov_time``) keeps a person
-  with hundreds of photos in one cluster. The defaults were chosen for robustness across photo
-  collections (see benchmarks/cluster_quality.py), not for the best score on any one of them.
+- ``infomap`` (default): Infomap (map equation) on the directed k-NN graph (each face links to
+  the neighbours its own list holds), links below ``min_similarity`` dropped and the rest weighted
+  by ``similarity - min_similarity``; each face also links to itself (``infomap_self_weight``) so
+  that a few weak links to strangers do not pull it into their cluster, and a Markov time above 1
+  (``infomap_markov_time``) keeps a person with hundreds of photos in one cluster. The defaults
+  are one setting for every collection: the one whose worse score on LFW and CelebA is best
+  (benchmarks/cluster_quality.py), not the best for either.
 - ``components``: connected components of the graph above ``components_min_similarity``.
 - ``hac``: exact agglomerative clustering (``hac_linkage``, cut at ``hac_distance_threshold``);
   memory grows with N^2, so it refuses more than ``HAC_MAX_FACES`` faces.
@@ -82,7 +83,12 @@ Clusterer = Callable[[np.ndarray, KnnGraph, ClusterConfig], np.ndarray]
 
 
 def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterConfig) -> np.ndarray:
-    source, target, similarity = graph.edges(config.min_similarity)
+    # Directed links: each face passes flow only to the neighbours in its own k-NN list, so flow
+    # comes back to a face only from faces that list it too. A face whose nearest faces are
+    # strangers who each have closer matches of their own (a person seen once among look-alikes)
+    # gets little flow back and stays alone, while a poorly photographed face of a person with
+    # many photos is listed by them and stays with them.
+    source, target, similarity = graph.links(config.min_similarity)
     weight = similarity - config.min_similarity
     strong = weight > 0
     faces = np.arange(len(embeddings))
@@ -96,6 +102,7 @@ def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterCon
     engine = infomap.Infomap(
         silent=True,
         two_level=True,
+        directed=True,
         seed=config.seed,
         num_trials=config.infomap_trials,
         markov_time=config.infomap_markov_time,

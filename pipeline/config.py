@@ -78,7 +78,7 @@ class ClusterConfig(BaseModel):
     # k-NN graph: neighbours per face, and the floor below which edges are dropped. Graph
     # methods weigh an edge by how far its similarity rises above the floor.
     k: int = Field(default=30, ge=2, le=1000)
-    min_similarity: float = Field(default=0.42, ge=-1.0, lt=1.0)
+    min_similarity: float = Field(default=0.39, ge=-1.0, lt=1.0)
     # Largest set searched exactly (brute force costs N^2: a GPU does a million faces in
     # seconds, two CPU cores about 100K in a minute); above it an IVF index searching
     # `ivf_nprobe` of its ~4*sqrt(N) lists is used.
@@ -93,10 +93,10 @@ class ClusterConfig(BaseModel):
     infomap_trials: int = Field(default=1, ge=1)
     # Weight of each face's link to itself, in units of (similarity - min_similarity): a face
     # joins a cluster only when its summed edge weight into it clearly exceeds this.
-    infomap_self_weight: float = Field(default=1.5, ge=0.0)
+    infomap_self_weight: float = Field(default=2.5, ge=0.0)
     # Above 1 the map equation prefers fewer, larger modules: keeps a person with hundreds of
     # photos (several poses, ages, events) in one cluster instead of a few.
-    infomap_markov_time: float = Field(default=1.5, gt=0.0)
+    infomap_markov_time: float = Field(default=1.75, gt=0.0)
     # Method-specific knobs (baselines); distances are cosine distances (1 - similarity).
     components_min_similarity: float = Field(default=0.5, ge=-1.0, lt=1.0)
     dbscan_eps: float = Field(default=0.5, gt=0.0, le=2.0)

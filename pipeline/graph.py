@@ -47,21 +47,29 @@ class KnnGraph:
     def k(self) -> int:
         return self.indices.shape[1]
 
-    def edges(self, min_similarity: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Undirected edge list (source, target, similarity) with source < target, each pair once.
+    def links(self, min_similarity: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Directed links (source, target, similarity): each face to the neighbours its own row lists.
 
-        Keeps edges with similarity >= ``min_similarity``; a pair found from both ends counts once.
+        Keeps links with similarity >= ``min_similarity``; a pair listed from both ends gives two links.
         """
         n, k = self.indices.shape
         source = np.repeat(np.arange(n, dtype=np.int64), k)
         target = self.indices.ravel()
         similarity = self.similarities.ravel()
         keep = (target != MISSING) & (similarity >= min_similarity) & (source != target)
-        low = np.minimum(source[keep], target[keep])
-        high = np.maximum(source[keep], target[keep])
+        return source[keep], target[keep], similarity[keep]
+
+    def edges(self, min_similarity: float = -np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Undirected edge list (source, target, similarity) with source < target, each pair once.
+
+        Keeps edges with similarity >= ``min_similarity``; a pair found from both ends counts once.
+        """
+        source, target, similarity = self.links(min_similarity)
+        low, high = np.minimum(source, target), np.maximum(source, target)
+        n = len(self.indices)
         # One int64 key per unordered pair: a 1-D unique is far faster than a row-wise one.
         pairs, first = np.unique(low * n + high, return_index=True)
-        return pairs // n, pairs % n, similarity[keep][first]
+        return pairs // n, pairs % n, similarity[first]
 
 
 def normalize(embeddings: np.ndarray) -> np.ndarray:

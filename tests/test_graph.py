@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import FacemineError
-from pipeline.graph import MISSING, build_knn, knn_between
+from pipeline.graph import MISSING, KnnGraph, build_knn, knn_between
 
 
 def sphere_clusters(n_centres: int, per_centre: int, dim: int = 64, noise: float = 1.0, seed: int = 0) -> np.ndarray:
@@ -79,6 +79,20 @@ def test_edges_are_undirected_unique_and_thresholded() -> None:
     assert np.all(source < target)
     assert len(np.unique(np.stack([source, target]), axis=1).T) == len(source)
     assert similarity.min() >= 0.3
+
+
+def test_links_keep_each_rows_own_neighbours_and_edges_merge_both_directions() -> None:
+    graph = KnnGraph(
+        indices=np.array([[1, 2], [0, MISSING], [0, 1]]),
+        similarities=np.array([[0.9, 0.5], [0.9, -np.inf], [0.5, 0.4]], np.float32),
+    )
+
+    source, target, similarity = graph.links(min_similarity=0.45)
+    assert sorted(zip(source.tolist(), target.tolist())) == [(0, 1), (0, 2), (1, 0), (2, 0)]
+    assert similarity.min() >= 0.45
+    source, target, similarity = graph.edges(min_similarity=0.45)
+    assert list(zip(source.tolist(), target.tolist())) == [(0, 1), (0, 2)]
+    np.testing.assert_allclose(similarity, [0.9, 0.5])
 
 
 def test_zero_vector_is_rejected() -> None:

@@ -89,14 +89,12 @@ def infomap_clusters(embeddings: np.ndarray, graph: KnnGraph, config: ClusterCon
     # gets little flow back and stays alone, while a poorly photographed face of a person with
     # many photos is listed by them and stays with them.
     source, target, similarity = graph.links(config.min_similarity)
-    weight = similarity - config.min_similarity
-    strong = weight > 0
     faces = np.arange(len(embeddings))
     # A link of every face to itself lets the random walk linger on it: a face then joins a
     # module only when its summed weight into that module outweighs the self-link, so a face
     # with a few weak links to strangers stays alone rather than being swallowed.
     links = np.vstack([
-        np.column_stack([source[strong], target[strong], weight[strong]]),
+        np.column_stack([source, target, similarity - config.min_similarity]),
         np.column_stack([faces, faces, np.full(len(faces), config.infomap_self_weight)]),
     ])
     engine = infomap.Infomap(

@@ -5,13 +5,55 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pydantic import ValidationError
 
 from labeling.cli import register as register_labeling_commands
-from pipeline.errors import FacemineError
+from pipeline.errors import FacemineError, check_name
 
 Handler = Callable[[argparse.Namespace], int]
+# How `facemine identities` shows an identity nobody has named.
+UNNAMED = "(unnamed)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line (`--help` has the rest) and exit status 2, as every user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def subset_name(text: str) -> str:
+    """argparse type: a subset name (`pipeline.errors.check_name`)."""
+    try:
+        return check_name(text, "a subset name")
+    except FacemineError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _clustering_run(store, run_id: int | None) -> int:  # noqa: ANN001 - storage.store.Store, imported lazily
+    """`run_id`, or the newest finished clustering run; a user error when there is no such run."""
+    from storage import identities as identity_store
+
+    if run_id is None:
+        run_id = identity_store.latest_run_id(store)
+        if run_id is None:
+            raise FacemineError("no clustering run yet: run `facemine cluster` first")
+        return run_id
+    identity_store.run_info(store, run_id)  # a user error when there is no such run
+    return run_id
 
 
 def _print_table(rows: list[dict], title: str | None = None) -> None:
@@ -27,27 +69,36 @@ def _print_table(rows: list[dict], title: str | None = None) -> None:
 
 
 def _existing_paths(paths: list[str]) -> list[str]:
+    """Absolute folders as flow parameters: `path_key`s, text that any API can carry."""
+    from pipeline.ingest import path_key
+
     missing = [path for path in paths if not Path(path).exists()]
     if missing:
-        raise FacemineError(f"folder not found: {missing[0]}")
-    return [str(Path(path).resolve()) for path in paths]
+        raise FacemineError(f"folder not found: {path_key(missing[0])}")
+    return [path_key(Path(path).resolve()) for path in paths]
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from flows import progress
-    from flows.mine import mine
+    from storage.settings import Settings
 
-    with Progress() as bar:
-        task_id = bar.add_task("mining photos", total=None)
+    folders = _existing_paths(args.paths)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task_id = bar.add_task("starting (Prefect API)", total=None)
 
         def on_progress(_stage: str, done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
+            description = "mining photos" if done else "starting (loading models)"
+            bar.update(task_id, completed=done, total=total, description=description)
 
         progress.add_listener(on_progress)
         try:
-            summary = mine(folders=_existing_paths(args.paths), subset=args.subset, shard_size=args.shard_size)
+            with progress.logs_beside_bar(Settings().data_dir, bar.console if args.verbose else None):
+                from flows.mine import mine
+
+                summary = mine(folders=folders, subset=args.subset, shard_size=args.shard_size)
         finally:
             progress.remove_listener(on_progress)
     _print_table([{"": key, "value": value} for key, value in summary.model_dump().items()], title="mine summary")
@@ -55,11 +106,28 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_status(_args: argparse.Namespace) -> int:
+    from storage.reports import quality_by_subset, quality_rows
     from storage.settings import Settings
     from storage.store import Store
 
-    rows = Store(Settings()).status_counts()
-    _print_table(rows, title="photos and faces per subset")
+    store = Store(Settings())
+    _print_table(store.status_counts(), title="photos and faces per subset")
+    removed = [{"subset": subset, **row} for subset, report in quality_by_subset(store).items()
+               for row in quality_rows(report)]
+    if removed:
+        _print_table(removed, title="faces removed per quality rule (a face can break several)")
+    else:
+        print("no face was removed by a quality rule")
+    return 0
+
+
+def cmd_subsets(args: argparse.Namespace) -> int:
+    if args.subsets_command == "remove":
+        removed = _store().remove_subset(args.name)
+        print(f"removed subset {removed['subset']!r}: {removed['paths']} paths; "
+              f"{removed['faces_removed']} faces no other subset holds went with them")
+        return 0
+    _print_table(_store().subsets(), title="subsets (a photo in two subsets counts in both)")
     return 0
 
 
@@ -82,16 +150,18 @@ def cmd_identities(args: argparse.Namespace) -> int:
     from storage import identities as identity_store
 
     store = _store()
-    run_id = args.run or identity_store.latest_run_id(store)
-    if run_id is None:
-        raise FacemineError("no clustering run yet: run `facemine cluster` first")
-    table = identity_store.identities_summary(store, run_id).head(args.limit)
-    _print_table(table.round(3).to_dict("records"), title=f"identities of clustering run {run_id}")
+    run_id = _clustering_run(store, args.run)
+    table = identity_store.identities_summary(store, run_id)
+    shown = table.head(args.limit).round(3).astype(object)
+    shown["name"] = [name if isinstance(name, str) and name else UNNAMED for name in shown.name]
+    _print_table(shown.to_dict("records"), title=f"identities of clustering run {run_id}")
+    more = " (largest first; --limit N shows more)" if len(shown) < len(table) else ""
+    print(f"{len(shown)} of {len(table)} identities{more}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from storage.exports import export_dataset
+    from flows.export import export
 
     store = _store()
     updates = {
@@ -104,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if value is not None
     }
     config = store.settings.export.model_validate(store.settings.export.model_dump() | updates)
-    result = export_dataset(store, args.name, config, run_id=args.run)
+    result = export(name=args.name, run_id=_clustering_run(store, args.run), config=config)
     keys = ("export_id", "path", "version", "run_id", "identities", "faces", "train_faces", "val_faces")
     _print_table([{"": key, "value": result[key]} for key in keys], title="dataset export")
     return 0
@@ -113,9 +183,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_run
 
-    result = evaluate_run(_store(), args.truth, run_id=args.run)
+    store = _store()
+    result = evaluate_run(store, args.truth, run_id=_clustering_run(store, args.run))
     _print_table([{"metric": key, "value": round(value, 4) if isinstance(value, float) else value}
                   for key, value in result.items()], title="clustering quality")
+    print(f"coverage: {result['photos_mined']} of {result['photos']} truth paths are mined photos "
+          f"({result['coverage']:.1%}); scored on those")
     return 0
 
 
@@ -172,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                      validation_pairs=args.validation_pairs)
     _print_table(_metric_rows(result["current_metrics"], result["candidate_metrics"]),
                  title=f"model {result['parent_model_id']} (current) vs model {result['model_id']} (candidate)")
-    keys = ("training_run_id", "model_id", "export_id", "gate_metric", "promoted", "reason", "checkpoint")
+    keys = ("training_run_id", "model_id", "export_id", "judged_by_description", "gate_metric", "promoted", "reason",
+            "checkpoint")
     _print_table([{"": key, "value": result[key]} for key in keys], title="training run")
     return 0
 
@@ -185,8 +259,8 @@ def _print_loop(name: str, plot: Path | None = None) -> None:
         raise FacemineError(f"loop {name!r} has no iterations yet: run `facemine loop run --name {name}`")
     shown = table.drop(columns=["gate_metric", "gate_reason"]).round(4)
     _print_table(shown.to_dict("records"), title=f"closed loop {name!r}, gate metric {table.gate_metric.iloc[-1]}")
-    for iteration, reason in zip(table.iteration, table.gate_reason):
-        print(f"iteration {iteration}: {reason}")
+    for iteration, judged_by, reason in zip(table.iteration, table.judged_by, table.gate_reason):
+        print(f"iteration {iteration} (judged on {judged_by}): {reason}")
     if plot is not None:
         print(f"plot written to {plot_loop(table, plot, f'closed loop {name!r}')}")
 
@@ -209,46 +283,106 @@ def cmd_loop_report(args: argparse.Namespace) -> int:
 
 def cmd_models(_args: argparse.Namespace) -> int:
     from storage.registry import models_table
+    from storage.reports import model_details
 
-    table = models_table(_store()).drop(columns=["created_at"])
+    store = _store()
+    table = models_table(store).drop(columns=["created_at"])
     _print_table(table.astype(object).where(table.notna(), "").to_dict("records"), title="models")
+    for model_id, name in zip(table.id, table.name):
+        details = model_details(store, int(model_id))
+        if details:
+            _print_table(details, title=f"model {model_id} ({name}): training parameters and metrics")
+        else:
+            print(f"model {model_id} ({name}): no training run, no metrics yet")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from storage.maintenance import doctor
+
+    if args.grace_minutes < 0:
+        raise FacemineError("--grace-minutes cannot be negative")
+    report = doctor(_store(), fix=args.fix, grace_seconds=args.grace_minutes * 60)
+    _print_table(report.rows(), title="doctor: orphans and dangling references")
+    return 1 if report.problems() and not report.fixed else 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from labeling.actions import default_who
+    from storage import maintenance
+
+    store = _store()
+    if args.identity is not None:
+        selection = maintenance.select_identity(store, args.identity)
+    elif args.path is not None:
+        selection = maintenance.select_path(store, args.path)
+    elif args.content is not None:
+        selection = maintenance.select_content(store, args.content)
+    else:
+        selection = maintenance.select_subset(store, args.subset)
+    plan = maintenance.forget_summary(store, selection)
+    print(f"forget {selection.description}: {plan['faces']} faces, {plan['photos']} photo records and "
+          f"{plan['paths']} paths, with their chips, vectors, decisions' face data and every export holding them")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise FacemineError("forget needs --yes when not run from a terminal")
+        if input("type 'yes' to erase them for good: ").strip() != "yes":
+            print("nothing forgotten")
+            return 1
+    counts = maintenance.forget_faces(store, selection, who=args.who or default_who(), why=args.why)
+    _print_table([{"": key, "value": value} for key, value in counts.items()], title="forgotten")
+    if store.url.startswith("sqlite") and not counts["sqlite_log_cleared"]:
+        print("SQLite's log was busy and still holds old pages: run `facemine doctor --fix` when no run is going")
+    elif not store.url.startswith("sqlite"):
+        print("PostgreSQL keeps deleted rows' bytes until VACUUM: run VACUUM on the database")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facemine", description="Mine, cluster, review and retrain face datasets.")
+    parser = OneLineParser(prog="facemine", description="Mine, cluster, review and retrain face datasets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mine = commands.add_parser("mine", help="detect, align, score and embed the faces of photo folders")
     mine.add_argument("paths", nargs="+", help="photo folders (searched recursively) or files")
-    mine.add_argument("--subset", default="default", help="name of the group these photos belong to")
-    mine.add_argument("--shard-size", type=int, default=None, help="photos per Prefect task")
+    mine.add_argument("--subset", type=subset_name, default="default", help="name of the group these photos belong to")
+    mine.add_argument("--shard-size", type=positive_int, default=None, help="photos per Prefect task")
+    mine.add_argument("-v", "--verbose", action="store_true",
+                      help="print Prefect's log lines above the progress bar (always in DATA_DIR/logs/facemine.log)")
     mine.set_defaults(handler=cmd_mine)
 
     status = commands.add_parser("status", help="photo and face counts per subset, status and failure reason")
     status.set_defaults(handler=cmd_status)
 
+    subsets = commands.add_parser("subsets", help="subsets with their path, photo and face counts; `subsets remove NAME`")
+    subsets.set_defaults(handler=cmd_subsets, subsets_command=None)
+    subsets_commands = subsets.add_subparsers(dest="subsets_command", metavar="SUBSETS_COMMAND")
+    remove = subsets_commands.add_parser(
+        "remove", help="remove a subset's memberships; faces of photos no other subset holds go with them"
+    )
+    remove.add_argument("name", help="subset name")
+
     cluster = commands.add_parser("cluster", help="embed new faces and cluster them into identities")
-    cluster.add_argument("--subset", action="append", help="only these subsets (repeatable); default all")
+    cluster.add_argument("--subset", type=subset_name, action="append",
+                         help="only these subsets (repeatable); default all")
     cluster.add_argument("--method", default=None, help="infomap (default), components, hac, dbscan, hdbscan")
     cluster.set_defaults(handler=cmd_cluster)
 
     identities = commands.add_parser("identities", help="identities of a clustering run: sizes, names, confidence")
-    identities.add_argument("--run", type=int, default=None, help="clustering run id (default: newest)")
-    identities.add_argument("--limit", type=int, default=50, help="show the N largest")
+    identities.add_argument("--run", type=positive_int, default=None, help="clustering run id (default: newest)")
+    identities.add_argument("--limit", type=positive_int, default=50, help="show the N largest")
     identities.set_defaults(handler=cmd_identities)
 
     export = commands.add_parser("export", help="write a versioned labeled dataset of a clustering run")
     export.add_argument("name", help="dataset name (letters, digits, '_' and '-')")
-    export.add_argument("--run", type=int, default=None, help="clustering run id (default: newest)")
-    export.add_argument("--min-faces", type=int, default=None, help="drop identities with fewer faces")
-    export.add_argument("--max-faces", type=int, default=None, help="keep at most N best-quality faces each")
+    export.add_argument("--run", type=positive_int, default=None, help="clustering run id (default: newest)")
+    export.add_argument("--min-faces", type=positive_int, default=None, help="drop identities with fewer faces")
+    export.add_argument("--max-faces", type=positive_int, default=None, help="keep at most N best-quality faces each")
     export.add_argument("--val-fraction", type=float, default=None, help="share of each identity in val")
     export.set_defaults(handler=cmd_export)
 
     evaluate = commands.add_parser("evaluate", help="score clustering against ground truth (path,identity CSV)")
     evaluate.add_argument("--truth", type=Path, required=True, help="labels.csv with columns path,identity")
-    evaluate.add_argument("--run", type=int, default=None, help="clustering run id (default: newest)")
+    evaluate.add_argument("--run", type=positive_int, default=None, help="clustering run id (default: newest)")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     serve = commands.add_parser(
@@ -280,13 +414,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="registered models: status, parent, training run, gate reason")
     models.set_defaults(handler=cmd_models)
+
+    doctor = commands.add_parser(
+        "doctor", help="report orphan files and dangling references (exit 1 if any is left unfixed)",
+        description="Report orphans and dangling references; --fix removes them, safely beside running mines. "
+        "Exit status: 0 when nothing is wrong (or all was fixed), 1 when problems were found and not fixed.",
+    )
+    doctor.add_argument("--fix", action="store_true", help="remove what was found")
+    doctor.add_argument("--grace-minutes", type=float, default=60.0,
+                        help="leave files younger than this alone: a running mine may still commit them")
+    doctor.set_defaults(handler=cmd_doctor)
+
+    forget = commands.add_parser(
+        "forget", help="erase faces for good: rows, chips, vectors, exports; the decision log keeps a stripped record"
+    )
+    target = forget.add_mutually_exclusive_group(required=True)
+    target.add_argument("--identity", type=int, help="the faces of this identity (current labelling)")
+    target.add_argument("--path", help="the photo mined from this path")
+    target.add_argument("--content", help="the photo with this SHA-256 content hash")
+    target.add_argument("--subset", help="every photo of this subset")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation (for scripts)")
+    forget.add_argument("--who", default=None, help="recorded in the audit line (default: $USER)")
+    forget.add_argument("--why", default=None, help="reason recorded in the audit line")
+    forget.set_defaults(handler=cmd_forget)
     register_labeling_commands(commands)
     return parser
+
+
+def _check_settings() -> None:
+    """Read the settings once before any command: a bad config file or setting is reported
+    here, in one line, rather than from inside a flow run."""
+    from storage.settings import Settings
+
+    Settings()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_settings()
         return args.handler(args)
     except FacemineError as error:
         print(f"facemine: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from pydantic import Field
 
+from flows.artifacts import clustering_artifact
 from flows.embed import embed
 from flows.mine import MineSummary, mine
 from flows.runtime import settings_from, settings_payload, store_for
@@ -126,6 +127,7 @@ def cluster(
     run_id = cluster_task(payload, subsets or [], method)
     info = identity_store.run_info(store_for(payload), run_id)
     get_run_logger().info("clustering run %d: %s", run_id, info["stats"])
+    clustering_artifact(info)
     return {"run_id": run_id, **info["stats"]}
 
 

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu import gpu_slot
-from flows.runtime import inference_embedder, settings_from, settings_payload, store_for
+from flows.runtime import inference_embedder, retry_unless_user_error, settings_from, settings_payload, store_for
 from pipeline.embed import Embedder
 from pipeline.ingest import ImageRejected
 from pipeline.mining import realign_faces
@@ -50,7 +50,7 @@ def embed_faces(store: Store, settings: Settings, model: ModelInfo, embedder: Em
     return store.write_embeddings(model, ids, vectors)
 
 
-@task(name="embed-shard")
+@task(name="embed-shard", retry_condition_fn=retry_unless_user_error)
 def embed_shard(payload: str, model_id: int, face_ids: list[int]) -> int:
     settings, store = settings_from(payload), store_for(payload)
     model = store.model(model_id)

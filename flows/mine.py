@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -13,12 +13,15 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from pydantic import Field
 
 from flows import progress
+from flows.artifacts import mine_artifacts
 from flows.gpu import gpu_slot
-from flows.runtime import miner_for, settings_from, settings_payload, store_for
+from flows.runtime import miner_for, retry_unless_user_error, settings_from, settings_payload, store_for
 from pipeline.device import available_cores, limit_cpu_threads, resolve_device
 from pipeline.hashing import file_sha256
-from pipeline.ingest import iter_image_files
-from storage.settings import Settings
+from pipeline.ingest import FoundFile, path_key, walk_photos
+from pipeline.mining import PhotoRecord
+from pipeline.quality import report_from_reasons
+from storage.settings import Settings, SubsetName
 from storage.store import ShardWriteSummary
 
 
@@ -30,34 +33,44 @@ class MineSummary(ShardWriteSummary):
 
 
 def _content_hashes(paths: list[str]) -> dict[str, str]:
+    """Content hash of each readable regular file, by the key it is recorded under."""
     hashes = {}
     for path in paths:
         try:
-            hashes[path] = file_sha256(path)
+            hashes[path_key(path)] = file_sha256(path)  # never opens a FIFO or device
         except OSError:
-            continue  # unreadable: the miner records why
+            continue  # not a regular file, unreadable, gone: the miner records why
     return hashes
 
 
-def mine_paths(subset: str, paths: list[str], payload: str) -> dict:
-    """One shard, plain Python: skip photos stored unchanged, mine the rest, store them in one transaction."""
+def mine_paths(subset: str, paths: list[str], payload: str, rejected: Sequence[FoundFile] = ()) -> dict:
+    """One shard, plain Python: mine only photos whose content the store lacks (a content already
+    stored, under any path or subset, is only recorded as seen here), store all in one transaction.
+
+    `paths` open the files; the store names them by `path_key` (printable whatever bytes a name
+    holds). `rejected` are files the walk could not offer (FIFOs, broken links, unlistable
+    folders): stored with their reason, so every offered file ends as a record."""
     store = store_for(payload)
     hashes = _content_hashes(paths)
-    unchanged = store.unchanged_paths(subset, hashes)
-    todo = [path for path in paths if path not in unchanged]
+    known = store.known_contents(hashes)
+    todo = [path for path in paths if path_key(path) not in known]
     miner, model = miner_for(payload)
-    records = miner.process(todo)
+    part, stored_already = paths[0] if paths else "", len(paths) - len(todo)
+    progress.update("mine", part, stored_already)
+    mined = miner.process(todo, on_detected=lambda detected: progress.update("mine", part, stored_already + detected))
+    records = mined + [PhotoRecord(found.path, found.status, found.reason) for found in rejected]
     for record in records:
+        record.path = path_key(record.path)
         record.content_hash = record.content_hash or hashes.get(record.path)
-    summary = store.write_mine_shard(subset, model, records)
-    summary.photos_unchanged += len(unchanged)
-    return summary.model_dump()
+    summary = store.write_mine_shard(subset, model, records, known).model_dump()
+    # Each new face's failed quality rules, for the run's quality report.
+    return summary | {"quality_reasons": [list(face.quality.reasons) for record in mined for face in record.faces]}
 
 
-@task(name="mine-shard")
-def mine_shard(subset: str, paths: list[str], payload: str) -> dict:
+@task(name="mine-shard", retry_condition_fn=retry_unless_user_error)
+def mine_shard(subset: str, paths: list[str], payload: str, rejected: Sequence[FoundFile] = ()) -> dict:
     with gpu_slot():
-        return mine_paths(subset, paths, payload)
+        return mine_paths(subset, paths, payload, rejected)
 
 
 # With several workers, shards shrink (down to this size) so that each worker gets about
@@ -101,7 +114,7 @@ def shard_runner(workers: int) -> Iterator[TaskRunner]:
 @flow(name="mine")
 def mine(
     folders: list[str],
-    subset: Annotated[str, Field(min_length=1, max_length=255)] = "default",
+    subset: SubsetName = "default",
     shard_size: Annotated[int | None, Field(ge=1, description="Photos per task (settings' default when empty)")] = None,
 ) -> MineSummary:
     """Mine photo folders into the store; only new or changed photos are processed."""
@@ -109,31 +122,45 @@ def mine(
     settings = Settings()
     payload = settings_payload(settings)
     settings_from(payload)  # validate once, up front
-    paths = [str(path) for path in iter_image_files(folders, settings.ingest.extensions)]
+    # The store's own folder (chips, exports) is never mined, wherever the folders are.
+    found = list(walk_photos(folders, settings.ingest.extensions, excluded=[settings.data_dir]))
+    paths = [file.path for file in found if file.status is None]
+    rejected = [file for file in found if file.status is not None]
     workers = mine_workers(settings)
-    shards = shard_paths(paths, shard_size or settings.mine.shard_size, workers)
+    # The files the walk rejected are recorded with the first shard (one of their own if none).
+    shards = shard_paths(paths, shard_size or settings.mine.shard_size, workers) or ([[]] if rejected else [])
     workers = min(workers, len(shards))
     logger = get_run_logger()
-    logger.info("mining %d photos in %d shards into subset %r (%d workers)", len(paths), len(shards), subset, workers)
+    logger.info("mining %d photos (%d more rejected by the walk) in %d shards into subset %r (%d workers)",
+                len(paths), len(rejected), len(shards), subset, workers)
     shard_task = mine_shard.with_options(
         retries=settings.mine.task_retries, retry_delay_seconds=settings.mine.retry_delay_seconds
     )
     total = ShardWriteSummary()
-    done = 0
-    progress.report("mine", 0, len(paths))
+    quality_reasons: list[list[str]] = []
+    progress.start("mine", len(found))
     with shard_runner(workers) as runner:
-        futures = [runner.submit(shard_task, {"subset": subset, "paths": shard, "payload": payload}) for shard in shards]
-        for future, shard in zip(futures, shards):
-            total.add(ShardWriteSummary.model_validate(future.result()))
-            done += len(shard)
-            progress.report("mine", done, len(paths))
+        shard_rejected = [rejected] + [[]] * (len(shards) - 1)
+        futures = [
+            runner.submit(
+                shard_task, {"subset": subset, "paths": shard, "payload": payload, "rejected": shard_rejections}
+            )
+            for shard, shard_rejections in zip(shards, shard_rejected)
+        ]
+        for future, shard, shard_rejections in zip(futures, shards, shard_rejected):
+            result = future.result()
+            quality_reasons += result.pop("quality_reasons")
+            total.add(ShardWriteSummary.model_validate(result))
+            progress.update("mine", shard[0] if shard else "", len(shard) + len(shard_rejections))
     seconds = time.perf_counter() - started
     summary = MineSummary(
         subset=subset,
-        photos_seen=len(paths),
+        photos_seen=len(found),
         seconds=round(seconds, 3),
-        photos_per_second=round(len(paths) / seconds, 3) if seconds > 0 else 0.0,
+        photos_per_second=round(len(found) / seconds, 3) if seconds > 0 else 0.0,
         **total.model_dump(),
     )
+    progress.finish("mine")
     logger.info("mine summary: %s", summary.model_dump())
+    mine_artifacts(summary.model_dump(), report_from_reasons(quality_reasons))
     return summary

@@ -47,7 +47,9 @@ def plan_export(faces: pd.DataFrame, config: ExportConfig) -> tuple[pd.DataFrame
     manifest = pd.concat([kept, duplicates]).sort_values(["identity", "face_id"]).reset_index(drop=True)
     # Unnamed identities come out of the name join as NaN, not None.
     names = [name if isinstance(name, str) else None for name in manifest.identity_name]
-    manifest["folder"] = [safe_folder_name(i, n) for i, n in zip(manifest.identity, names)]
+    # Strings even when no identity qualifies (an empty list would make a float column).
+    folders = [safe_folder_name(i, n) for i, n in zip(manifest.identity, names)]
+    manifest["folder"] = pd.Series(folders, index=manifest.index, dtype=object)
     manifest["chip_path"] = np.where(
         manifest.split == "duplicate", "", manifest.folder + "/" + manifest.face_id.astype(str) + ".png"
     )

@@ -1,11 +1,56 @@
-"""Content hashes that identify files (model weights, photos) independently of their path."""
+"""Content hashes that identify files (model weights, photos) independently of their path,
+and the one safe way to open a file that something else handed us."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
+from typing import BinaryIO
+
+_KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+class NotARegularFile(OSError):
+    """The path names a folder, FIFO, socket or device: nothing to read as a photo."""
+
+
+def file_kind(mode: int) -> str:
+    """'regular file', 'folder', 'FIFO', 'socket', 'character device' or 'block device'."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Open a regular file (or a symlink to one) for reading; anything else raises `NotARegularFile`.
+
+    The type is checked before opening, because opening some devices has effects of its own
+    and reading a FIFO or /dev/zero never ends; the file is opened non-blocking (no effect on
+    regular files) and checked again on the descriptor, so a FIFO swapped in between cannot
+    hang the caller either.
+    """
+    kind = file_kind(os.stat(path).st_mode)
+    if kind != "regular file":
+        raise NotARegularFile(f"not a regular file ({kind})")
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        kind = file_kind(os.fstat(descriptor).st_mode)
+        if kind != "regular file":
+            raise NotARegularFile(f"not a regular file ({kind})")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks so large files never sit in memory."""
-    with open(path, "rb") as file:
+    """Hex sha256 of a regular file's bytes, read in chunks so large files never sit in memory."""
+    with open_regular_file(path) as file:
         return hashlib.file_digest(file, "sha256").hexdigest()

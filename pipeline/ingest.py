@@ -7,9 +7,10 @@ Statuses:
 - ``skipped``: the file is not a photo at all (``not-an-image``: text, video, documents that
   carry an image extension). Nothing to fix.
 - ``failed``: the file should be a photo but cannot be used: ``empty-file`` (usually an
-  interrupted copy or download), ``truncated``, ``corrupt: ...``, ``unsupported-mode: ...``,
-  ``decompression-bomb: ...``, ``unreadable: ...`` (missing, broken symlink, permissions, not a
-  regular file). Worth a look by the user.
+  interrupted copy or download), ``truncated``, ``corrupt: ...`` (a damaged header included),
+  ``unsupported-mode: ...``, ``decompression-bomb: ...``, ``too-large: ...``, ``unreadable: ...``
+  (missing, broken symlink, symlink loop, permissions, not a regular file, a folder that cannot
+  be listed). Worth a look by the user.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import IngestConfig
 from pipeline.errors import FacemineError
+from pipeline.hashing import NotARegularFile, file_kind, open_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -59,52 +62,169 @@ class LoadedImage:
     perceptual_hash: str  # 16 hex chars, see perceptual_hash()
 
 
-def iter_image_files(roots: Iterable[Path | str], extensions: Iterable[str]) -> Iterator[Path]:
-    """Absolute paths of image files under `roots`, depth first in sorted name order.
+def path_key(path: str | os.PathLike) -> str:
+    """The name a file is recorded under: its path, with bytes that are not UTF-8 written as \\xNN.
 
-    Directory symlinks are followed, each real directory is visited once (no loops, no double
-    visits through overlapping roots). Broken symlinks with an image extension are yielded so
-    they are recorded as failed rather than silently dropped. A root that is a file is yielded
-    whatever its extension.
+    Paths are stored and shown as text; a name the filesystem allows but UTF-8 does not (an old
+    camera's Latin-1, a cut multi-byte character) still gets a printable key that is the same
+    on every run, while the file itself is opened through its real bytes (`FoundFile.path`).
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+def path_from_key(key: str) -> str:
+    """The path a `path_key` names: the key itself if that exists, else the key with its \\xNN
+    escapes turned back into bytes (so a folder can be passed on as printable text)."""
+    if os.path.lexists(key):
+        return key
+    raw = _ESCAPED_BYTE.sub(lambda match: bytes([int(match.group(1), 16)]), key.encode("utf-8", "surrogateescape"))
+    return os.fsdecode(raw)
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """A file the walk offers: to be mined (`status` None) or already rejected with a reason."""
+
+    path: str  # opens the file; non-UTF-8 bytes of its name are held as surrogate escapes
+    status: Literal["skipped", "failed"] | None = None
+    reason: str | None = None
+
+    @property
+    def key(self) -> str:
+        return path_key(self.path)
+
+
+def walk_photos(
+    roots: Iterable[Path | str], extensions: Iterable[str], excluded: Iterable[Path | str] = ()
+) -> Iterator[FoundFile]:
+    """Every photo under `roots`, depth first in sorted name order, each offered once.
+
+    A photo is a regular file with one of `extensions`, or without one whose content Pillow
+    recognises as one of their formats. Anything the walk cannot use is offered as rejected
+    so it is recorded, not dropped: a FIFO, socket or device with a photo's name (never
+    opened), a broken symlink or symlink loop, a folder that cannot be listed. Folder symlinks
+    are followed, each real folder visited once. Never entered: `excluded` folders and any
+    folder holding a facemine store or dataset export (mining them would feed facemine's own
+    chips back into it). A root that is a file is offered whatever its name.
     """
     wanted = {extension.lower() for extension in extensions}
-    absolute_roots = [Path(root).absolute() for root in roots]
+    sniffed = _pillow_formats(wanted)
+    absolute_roots = [Path(path_from_key(os.fspath(root))).absolute() for root in roots]
     for root in absolute_roots:
         if not root.exists():
-            raise FacemineError(f"folder not found: {root}")
-    visited: set[str] = set()
+            raise FacemineError(f"folder not found: {path_key(root)}")
+    visited = {os.path.realpath(folder) for folder in excluded}
     for root in absolute_roots:
         if root.is_dir():
-            yield from _walk(root, wanted, visited)
+            yield from _walk(str(root), wanted, sniffed, visited)
         else:
-            yield root
+            yield _found(str(root), os.stat(root).st_mode)
 
 
-def _walk(directory: Path, wanted: set[str], visited: set[str]) -> Iterator[Path]:
-    real = os.path.realpath(directory)
+def iter_image_files(roots: Iterable[Path | str], extensions: Iterable[str]) -> Iterator[Path]:
+    """Paths `walk_photos` offers for mining (rejected files left out)."""
+    for found in walk_photos(roots, extensions):
+        if found.status is None:
+            yield Path(found.path)
+
+
+def _walk(folder: str, wanted: set[str], sniffed: list[str], visited: set[str]) -> Iterator[FoundFile]:
+    real = os.path.realpath(folder)
     if real in visited:
         return
     visited.add(real)
+    if _is_facemine_folder(folder):
+        logger.info("not mining %s: it holds a facemine store or dataset export", path_key(folder))
+        return
     try:
-        with os.scandir(directory) as scan:
+        with os.scandir(folder) as scan:
             entries = sorted(scan, key=lambda entry: entry.name)
     except OSError as error:
-        logger.warning("cannot list folder %s: %s", directory, error)
+        yield FoundFile(folder, "failed", f"unreadable: folder cannot be listed: {_error_text(error)}")
         return
     for entry in entries:
-        path = directory / entry.name
-        if entry.is_dir():  # follows symlinks
-            yield from _walk(path, wanted, visited)
-        elif path.suffix.lower() in wanted:
-            yield path
+        path = os.path.join(folder, entry.name)
+        is_photo_name = os.path.splitext(entry.name)[1].lower() in wanted
+        try:
+            mode = os.stat(path).st_mode  # follows symlinks
+        except OSError as error:  # broken symlink, symlink loop, vanished
+            if is_photo_name:
+                yield FoundFile(path, "failed", f"unreadable: {_error_text(error)}")
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk(path, wanted, sniffed, visited)
+        elif is_photo_name:
+            yield _found(path, mode)
+        elif stat.S_ISREG(mode) and _looks_like_image(path, sniffed):
+            yield FoundFile(path)
+
+
+def _found(path: str, mode: int) -> FoundFile:
+    kind = file_kind(mode)
+    if kind == "regular file":
+        return FoundFile(path)
+    return FoundFile(path, "failed", f"unreadable: not a regular file ({kind})")
+
+
+# Marker files of a facemine data folder and of a dataset export (storage/exports.py).
+_STORE_MARKERS = ("facemine.db",)
+_EXPORT_MARKERS = ("dataset_card.json", "manifest.parquet")
+
+
+def _is_facemine_folder(folder: str) -> bool:
+    if any(os.path.isfile(os.path.join(folder, name)) for name in _STORE_MARKERS):
+        return True
+    if all(os.path.isdir(os.path.join(folder, name)) for name in ("chips", "embeddings")):
+        return True  # a store on another database: chips and embeddings stay files
+    return all(os.path.isfile(os.path.join(folder, name)) for name in _EXPORT_MARKERS)
+
+
+def _pillow_formats(extensions: set[str]) -> list[str]:
+    """Pillow's format names for file extensions (".jpg" -> "JPEG")."""
+    Image.init()
+    registered = Image.registered_extensions()
+    return sorted({registered[extension] for extension in extensions if extension in registered})
+
+
+# Enough for every format check Pillow makes on a file's first bytes.
+_SNIFF_BYTES = 64
+
+
+def _looks_like_image(path: str, formats: list[str]) -> bool:
+    """Whether a file's first bytes are those of one of `formats` (Pillow's own format checks)."""
+    try:
+        with open_regular_file(path) as file:
+            prefix = file.read(_SNIFF_BYTES)
+    except OSError:
+        return False  # unreadable and without a photo's name: nothing says it is one
+    return _image_format(prefix, formats) is not None
+
+
+def _image_format(prefix: bytes, formats: list[str]) -> str | None:
+    # Image.OPEN holds each format's (factory, accept) as registered by Pillow's plugins.
+    for name in formats:
+        accept = Image.OPEN[name][1]
+        if accept is not None and accept(prefix):
+            return name
+    return None
+
+
+def _error_text(error: OSError) -> str:
+    # Never the file name: reasons are stored as text, and the name may not be UTF-8.
+    if isinstance(error, NotARegularFile):
+        return str(error)
+    return f"{type(error).__name__}: {error.strerror or error}"
 
 
 def load_image(path: Path | str, config: IngestConfig) -> LoadedImage:
     """Decode one photo to RGB uint8; raises `ImageRejected` for any problem with the file."""
-    data = _read_file(Path(path))
+    data = _read_file(path, config.max_image_pixels)
     if not data:
         raise ImageRejected("failed", "empty-file")
-    rgb = _decode_rgb(data, config.max_image_pixels)
+    rgb = _decode_rgb(data, config.max_image_pixels, _pillow_formats({e.lower() for e in config.extensions}))
     return LoadedImage(
         rgb=rgb,
         width=rgb.shape[1],
@@ -115,23 +235,33 @@ def load_image(path: Path | str, config: IngestConfig) -> LoadedImage:
     )
 
 
-def _read_file(path: Path) -> bytes:
+# No image within the pixel limit takes more bytes per pixel than this (16-bit RGBA, uncompressed).
+_MAX_BYTES_PER_PIXEL = 8
+
+
+def _read_file(path: Path | str, max_pixels: int) -> bytes:
     # One read feeds both the hash and the decoder, so they always see the same bytes.
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            raise ImageRejected("failed", "unreadable: not a regular file")
-        return path.read_bytes()
+        with open_regular_file(path) as file:
+            size = os.fstat(file.fileno()).st_size
+            if size > max_pixels * _MAX_BYTES_PER_PIXEL:
+                raise ImageRejected("failed", f"too-large: {size} bytes, more than any photo within the pixel limit")
+            return file.read()
     except OSError as error:
-        raise ImageRejected("failed", f"unreadable: {type(error).__name__} {error}") from error
+        raise ImageRejected("failed", f"unreadable: {_error_text(error)}") from error
 
 
-def _decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_rgb(data: bytes, max_pixels: int, formats: list[str]) -> np.ndarray:
     # Pillow's global MAX_IMAGE_PIXELS is left alone (threads decode concurrently); the limit
     # is checked here on the header size, before any pixel is decoded. Pillow still refuses
     # on its own anything above twice its global limit, reported as a bomb as well.
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as error:
+        # A file that starts like a photo but does not parse is a damaged photo, not "no photo".
+        known = _image_format(data[:_SNIFF_BYTES], formats)
+        if known is not None:
+            raise ImageRejected("failed", f"corrupt: {known} header damaged") from error
         raise ImageRejected("skipped", "not-an-image") from error
     except Image.DecompressionBombError as error:
         raise ImageRejected("failed", f"decompression-bomb: {error}") from error

@@ -4,7 +4,7 @@ Plain Python: the Prefect flow calls `Miner.process` per shard and hands the rec
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -66,11 +66,13 @@ class Miner:
         except ImageRejected as rejected:
             return PhotoRecord(path=path, status=rejected.status, reason=rejected.reason)
 
-    def process(self, paths: Sequence[str]) -> list[PhotoRecord]:
+    def process(self, paths: Sequence[str], on_detected: Callable[[int], None] | None = None) -> list[PhotoRecord]:
         """Records in the order of `paths`; a bad file becomes a skipped/failed record, never an exception.
 
         Photos go through detection a chunk at a time (full-size images are dropped once their
         chips are cut), while the next chunk decodes in threads (Pillow releases the GIL).
+        `on_detected(n)` hears after each chunk how many photos are through detection, the bulk
+        of the work, so progress shows from the first photos.
         """
         chunk = self.detector.config.batch_size
         chunks = [list(paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
@@ -85,6 +87,8 @@ class Miner:
                 records_chunk, decoded = self._records(chunk_paths, loaded)
                 records.extend(records_chunk)
                 pending.extend(self._detect_and_align(decoded))
+                if on_detected is not None:
+                    on_detected(len(records))
         self._embed_and_assess(pending)
         return records
 

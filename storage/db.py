@@ -1,10 +1,11 @@
 """Engine, sessions and migrations. SQLite (WAL) by default; PostgreSQL or any SQLAlchemy URL by setting."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -12,8 +13,11 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Stay far below every database's limit on bound parameters per statement.
+IN_CLAUSE_CHUNK = 5000
 # Key of the advisory lock every facemine transaction on a PostgreSQL database takes ("face").
 POSTGRES_LOCK_KEY = 0x66616365
+T = TypeVar("T")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -45,6 +49,12 @@ def _configure_postgresql(engine: Engine) -> None:
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({POSTGRES_LOCK_KEY})")
 
 
+def in_chunks(values: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`values` in slices small enough for one `IN (...)` clause."""
+    for start in range(0, len(values), IN_CLAUSE_CHUNK):
+        yield values[start : start + IN_CLAUSE_CHUNK]
+
+
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     backend = make_url(url).get_backend_name()
@@ -71,10 +81,25 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str) -> None:
     """Bring the schema to the newest migration (idempotent)."""
     engine = get_engine(url)
-    with engine.begin() as connection:
-        config = alembic_config(url)
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    config = alembic_config(url)
+    with engine.connect() as connection:
+        sqlite = engine.dialect.name == "sqlite"
+        if sqlite:
+            # SQLite migrations rebuild tables (copy, drop, rename); with foreign keys on, dropping
+            # the old copy would cascade-delete every row that refers to it. The pragma only
+            # takes effect outside a transaction, hence on the driver's connection before BEGIN.
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"migration left dangling references: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys=ON")
 
 
 @contextmanager

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import FacemineError
 from storage.files import atomic_write_bytes
 
 
@@ -41,22 +41,30 @@ class EmbeddingShards:
         vectors = np.load(self.data_dir / f"{relative}.npy", mmap_mode="r")
         return ids, vectors
 
-    def gather(self, shard_paths: list[str], face_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Concatenate shards, keeping only `face_ids` when given; result sorted by face id."""
-        ids_parts, vector_parts = [], []
-        for ids, vectors in self._iter(shard_paths):
-            keep = np.isin(ids, face_ids) if face_ids is not None else slice(None)
-            ids_parts.append(ids[keep])
-            vector_parts.append(np.asarray(vectors[keep], np.float32))
-        if not ids_parts:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        ids = np.concatenate(ids_parts)
-        vectors = np.concatenate(vector_parts)
-        # A face embedded twice by racing runs keeps one vector (the index in SQL names the winner;
-        # duplicates are bit-identical for one model anyway).
-        ids, first = np.unique(ids, return_index=True)
-        return ids, vectors[first]
+    def gather(self, face_ids: np.ndarray, shard_of: np.ndarray, rows: np.ndarray, shard_paths: list[str]) -> np.ndarray:
+        """Vectors of `face_ids`, in that order, each read at the row `rows[i]` of shard
+        `shard_paths[shard_of[i]]`: the (shard, row) the SQL index names.
 
-    def _iter(self, shard_paths: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for relative in shard_paths:
-            yield self.open(relative)
+        Shards may hold stale vectors under the same face id (a replaced face, a race's loser):
+        only the indexed row counts, and its stored id must be the face's, or the store is corrupt.
+        """
+        face_ids, shard_of, rows = (np.asarray(a, np.int64) for a in (face_ids, shard_of, rows))
+        order = np.argsort(shard_of, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard_of[order])) + 1
+        out: np.ndarray | None = None
+        for picked in np.split(order, bounds) if len(order) else []:
+            relative = shard_paths[shard_of[picked[0]]]
+            ids, vectors = self.open(relative)
+            if not np.array_equal(ids[rows[picked]], face_ids[picked]):
+                raise FacemineError(f"embedding shard {relative} does not hold the faces its index names: run `facemine doctor`")
+            if out is None:
+                out = np.empty((len(face_ids), vectors.shape[1]), np.float32)
+            out[picked] = vectors[rows[picked]]
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+    def rewrite_keeping(self, relative: str, rows: np.ndarray) -> str:
+        """Write a new shard beside `relative` holding only its `rows` (in that order); returns its path.
+
+        The old files stay: the caller deletes them once the index names the new shard."""
+        ids, vectors = self.open(relative)
+        return self.write(Path(relative).parent.name, ids[rows], np.asarray(vectors[rows]))

@@ -9,20 +9,31 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+TMP_SUFFIX = ".tmp"
+# Files under the data root are read by other users and machines (review pages, shared mounts,
+# dataset consumers); mkstemp creates its temporary file 0600, so the mode is set before the rename.
+FILE_MODE = 0o644
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            os.fchmod(handle.fileno(), FILE_MODE)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def is_partial_write(path: Path) -> bool:
+    """Whether `path` is the temporary file of an `atomic_write_bytes` that never finished."""
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -53,7 +64,11 @@ class ChipStore:
         digest = hashlib.sha256(data).hexdigest()
         relative = Path("chips") / digest[:2] / digest[2:4] / f"{digest}.png"
         target = self.data_dir / relative
-        if not target.exists():
+        try:
+            # A chip already stored is claimed again: its fresh mtime keeps `doctor` (which removes only
+            # unreferenced chips older than its grace period) from deleting it before this run commits.
+            os.utime(target)
+        except FileNotFoundError:
             atomic_write_bytes(target, data)
         return relative.as_posix()
 

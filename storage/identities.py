@@ -10,19 +10,37 @@ from datetime import datetime, timezone
 
 import pandas as pd
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import aliased
 
-from storage.schema import Assignment, ClusteringRun, Face, Identity, Image, Subset
+from pipeline.errors import FacemineError
+from storage.schema import Assignment, ClusteringRun, Face, Identity, Image, PhotoPath, Subset
 from storage.store import Store
 
 
 def face_table(store: Store, subsets: Iterable[str] | None = None) -> pd.DataFrame:
-    """One row per face with what clustering, dedup and export need, ordered by face id."""
+    """One row per face with what clustering, dedup and export need, ordered by face id.
+
+    A photo seen at several paths or in several subsets is one content with one set of faces, so
+    each face is one row: `subset` is its photo's first membership (oldest path row) among
+    `subsets` (per-subset clustering puts it there, and the cross-subset merge sees it once);
+    `source_path` is the newest path its photo was seen at (the likeliest still to exist).
+    """
+    members = select(
+        PhotoPath.image_id,
+        func.min(PhotoPath.id).label("first_path"),
+        func.max(PhotoPath.id).label("last_path"),
+    ).where(PhotoPath.image_id.is_not(None))
+    subset_list = list(subsets) if subsets else []
+    if subset_list:
+        members = members.join(Subset, Subset.id == PhotoPath.subset_id).where(Subset.name.in_(subset_list))
+    members = members.group_by(PhotoPath.image_id).subquery()
+    first, last = aliased(PhotoPath), aliased(PhotoPath)
     query = (
         select(
             Face.id.label("face_id"),
             Face.image_id,
             Subset.name.label("subset"),
-            Image.path.label("source_path"),
+            last.path.label("source_path"),
             Image.content_hash,
             Image.perceptual_hash,
             Face.face_index,
@@ -39,12 +57,12 @@ def face_table(store: Store, subsets: Iterable[str] | None = None) -> pd.DataFra
             Face.landmarks,
         )
         .join(Image, Image.id == Face.image_id)
-        .join(Subset, Subset.id == Image.subset_id)
+        .join(members, members.c.image_id == Image.id)
+        .join(first, first.id == members.c.first_path)
+        .join(Subset, Subset.id == first.subset_id)
+        .join(last, last.id == members.c.last_path)
         .order_by(Face.id)
     )
-    subset_list = list(subsets) if subsets else []
-    if subset_list:
-        query = query.where(Subset.name.in_(subset_list))
     with store.session() as session:
         frame = pd.DataFrame(session.execute(query).mappings().all())
     if frame.empty:
@@ -64,7 +82,9 @@ def latest_run_id(store: Store) -> int | None:
 
 def run_info(store: Store, run_id: int) -> dict:
     with store.session() as session:
-        run = session.get_one(ClusteringRun, run_id)
+        run = session.get(ClusteringRun, run_id)
+        if run is None:
+            raise FacemineError(f"no clustering run {run_id}")
         return {
             "id": run.id,
             "model_id": run.model_id,
@@ -185,11 +205,22 @@ def identities_summary(store: Store, run_id: int) -> pd.DataFrame:
 def largest_face_identity(store: Store, run_id: int, paths: list[str]) -> pd.DataFrame:
     """For each photo path: the identity (NaN if none) of its largest face in the run.
 
-    Photos never ingested or without a face come back with NaN (scored as singletons).
+    A path counts wherever it was seen (any subset); photos never ingested or without a face
+    come back with NaN (scored as singletons).
     """
+    found: list[tuple[str, int]] = []
+    with store.session() as session:
+        for start in range(0, len(paths), 5000):
+            found += session.execute(
+                select(PhotoPath.path, PhotoPath.image_id)
+                .where(PhotoPath.path.in_(paths[start : start + 5000]), PhotoPath.image_id.is_not(None))
+                .order_by(PhotoPath.id)
+            ).all()
+    # The newest record of a path says what it holds now.
+    photo_of = pd.DataFrame(found, columns=["source_path", "image_id"]).drop_duplicates("source_path", keep="last")
     faces = face_table(store)
-    faces = faces[faces.source_path.isin(paths)]
-    largest = faces.sort_values(["face_area", "face_id"], ascending=[False, True]).drop_duplicates("source_path")
+    largest = faces.sort_values(["face_area", "face_id"], ascending=[False, True]).drop_duplicates("image_id")
     assigned = largest.merge(assignments(store, run_id)[["face_id", "identity_id"]], on="face_id", how="left")
+    by_path = photo_of.merge(assigned[["image_id", "face_id", "identity_id"]], on="image_id", how="left")
     frame = pd.DataFrame({"source_path": paths})
-    return frame.merge(assigned[["source_path", "face_id", "identity_id"]], on="source_path", how="left")
+    return frame.merge(by_path[["source_path", "face_id", "identity_id"]], on="source_path", how="left")

@@ -21,6 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Ids are never reused: shard files, exports and the decision log name rows by id, so a deleted
+# row's id must not come back for another row (SQLite reuses the newest deleted rowid without
+# AUTOINCREMENT; PostgreSQL sequences never reuse).
+NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -34,19 +39,20 @@ class Subset(Base):
     """A named group of sources: an album, a crawl batch, a camera."""
 
     __tablename__ = "subsets"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Image(Base):
+    """One photo content, identified by its sha256: its faces, chips and embeddings exist once,
+    however many paths and subsets it was seen at (`PhotoPath`)."""
+
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("subset_id", "path", name="uq_images_subset_path"),)
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    subset_id: Mapped[int] = mapped_column(ForeignKey("subsets.id"), index=True)
-    # Absolute path as ingested.
-    path: Mapped[str] = mapped_column(Text)
-    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     # 64-bit perceptual hash (hex) for near-duplicate photos.
     perceptual_hash: Mapped[str | None] = mapped_column(String(16))
     size_bytes: Mapped[int | None] = mapped_column(Integer)
@@ -58,9 +64,28 @@ class Image(Base):
     processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class PhotoPath(Base):
+    """Where a copy of a photo was seen, and in which subset: a subset's membership.
+
+    `image_id` is null for a file that could not be read or hashed (its status and reason say why).
+    """
+
+    __tablename__ = "photo_paths"
+    __table_args__ = (UniqueConstraint("subset_id", "path", name="uq_photo_paths_subset_path"), NEVER_REUSE_IDS)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subset_id: Mapped[int] = mapped_column(ForeignKey("subsets.id"), index=True)
+    # Absolute path as ingested.
+    path: Mapped[str] = mapped_column(Text)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    # ok | skipped | failed: the content's status, or why this file has no content
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Face(Base):
     __tablename__ = "faces"
-    __table_args__ = (UniqueConstraint("image_id", "face_index", name="uq_faces_image_index"),)
+    __table_args__ = (UniqueConstraint("image_id", "face_index", name="uq_faces_image_index"), NEVER_REUSE_IDS)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     face_index: Mapped[int] = mapped_column(Integer)
@@ -91,6 +116,7 @@ class Model(Base):
     """An embedding model, identified by the hash of its weights."""
 
     __tablename__ = "models"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     # Registry name of the embedder family (sface, facenet-vggface2, checkpoint, ...).
@@ -111,6 +137,7 @@ class Model(Base):
 
 class EmbeddingShard(Base):
     __tablename__ = "embedding_shards"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
     # Relative to the data folder.
@@ -131,6 +158,7 @@ class Embedding(Base):
 
 class Identity(Base):
     __tablename__ = "identities"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str | None] = mapped_column(String(255), index=True)
     # A locked identity keeps exactly its reviewed members across runs.
@@ -144,6 +172,7 @@ class Identity(Base):
 
 class ClusteringRun(Base):
     __tablename__ = "clustering_runs"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
     method: Mapped[str] = mapped_column(String(64))
@@ -171,10 +200,17 @@ class Assignment(Base):
     outlier: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+# Decision-log actions that record what facemine itself did (faces removed because no path refers
+# to their photo any more; `forget`; `doctor --fix`): an audit trail, never undone.
+ORPHANED, FORGET, DOCTOR = "orphaned", "forget", "doctor"
+AUDIT_ACTIONS = (ORPHANED, FORGET, DOCTOR)
+
+
 class Decision(Base):
-    """Append-only log of human review decisions."""
+    """Append-only log of human review decisions, and of facemine's own `AUDIT_ACTIONS`."""
 
     __tablename__ = "decisions"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     who: Mapped[str] = mapped_column(String(255))
@@ -194,11 +230,12 @@ class Constraint(Base):
     """
 
     __tablename__ = "constraints"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     decision_id: Mapped[int] = mapped_column(ForeignKey("decisions.id"), index=True)
     kind: Mapped[str] = mapped_column(String(16), index=True)
-    # A face whose photo changed is a different face: constraints about it go with it
-    # (the decision log keeps the record).
+    # A face whose photo changed is a different face: constraints about it go with it once no
+    # path refers to the old photo (an `orphaned` decision-log entry keeps a copy of them).
     face_a: Mapped[int | None] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
     face_b: Mapped[int | None] = mapped_column(ForeignKey("faces.id", ondelete="CASCADE"))
     identity_id: Mapped[int | None] = mapped_column(ForeignKey("identities.id"))
@@ -207,7 +244,7 @@ class Constraint(Base):
 
 class DatasetExport(Base):
     __tablename__ = "dataset_exports"
-    __table_args__ = (UniqueConstraint("name", "version", name="uq_exports_name_version"),)
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_exports_name_version"), NEVER_REUSE_IDS)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     version: Mapped[int] = mapped_column(Integer)
@@ -221,6 +258,7 @@ class DatasetExport(Base):
 
 class TrainingRun(Base):
     __tablename__ = "training_runs"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     parent_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
     export_id: Mapped[int | None] = mapped_column(ForeignKey("dataset_exports.id"))
@@ -238,6 +276,7 @@ class TrainingRun(Base):
 
 class LoopIteration(Base):
     __tablename__ = "loop_iterations"
+    __table_args__ = NEVER_REUSE_IDS
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     loop_name: Mapped[str] = mapped_column(String(255), index=True)
     iteration: Mapped[int] = mapped_column(Integer)

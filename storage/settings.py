@@ -3,15 +3,20 @@
 Sources, highest priority first: explicit keyword arguments, environment variables
 (`FACEMINE_` prefix, `__` between nested names, e.g. `FACEMINE_QUALITY__MIN_SHARPNESS=50`),
 then a TOML config file (`FACEMINE_CONFIG`, else `./facemine.toml` when present).
+A config file that cannot be read, or that names a section or key facemine does not have, is
+a user error (`FacemineError`): a misspelt setting would otherwise be silently ignored.
 """
 from __future__ import annotations
 
+import difflib
 import os
+import tomllib
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -31,8 +36,20 @@ from pipeline.config import (
     QueueConfig,
     TrainConfig,
 )
+from pipeline.errors import FacemineError, check_name
 
 DEFAULT_SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
+
+
+def _subset_name(text: str) -> str:
+    try:
+        return check_name(text, "a subset name")
+    except FacemineError as error:
+        raise ValueError(str(error)) from None  # pydantic reports ValueErrors as invalid input
+
+
+# A subset name wherever one comes in (command line, flow parameters, settings).
+SubsetName = Annotated[str, AfterValidator(_subset_name)]
 
 
 class MineConfig(BaseModel):
@@ -55,7 +72,7 @@ class ServeConfig(BaseModel):
     # Folders the scheduled `mine-watch` deployment mines (new or changed photos only);
     # empty: no such deployment.
     watch_folders: list[str] = Field(default_factory=list)
-    watch_subset: str = Field(default="watched", min_length=1, max_length=255)
+    watch_subset: SubsetName = "watched"
     mine_cron: str | None = None
     mine_interval_seconds: int | None = Field(default=3600, ge=10)
     cluster_cron: str | None = None
@@ -73,6 +90,45 @@ class ServeConfig(BaseModel):
         except (ZoneInfoNotFoundError, ValueError) as error:
             raise ValueError(f"unknown time zone {name!r} (use an IANA name such as Europe/Paris)") from error
         return name
+
+
+class _CheckedTomlSource(TomlConfigSettingsSource):
+    """The TOML config file, refused in one line when it is not UTF-8 TOML or names a setting
+    that does not exist."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
+        try:
+            with file_path.open("rb") as file:
+                values = tomllib.load(file)
+        except UnicodeDecodeError as error:
+            raise FacemineError(f"{file_path}: not UTF-8 text (byte {error.start})") from None
+        except tomllib.TOMLDecodeError as error:
+            raise FacemineError(f"{file_path}: not valid TOML: {error}") from None
+        except OSError as error:
+            raise FacemineError(f"{file_path}: cannot be read: {error.strerror}") from None
+        unknown = _unknown_setting(values, Settings)
+        if unknown:
+            raise FacemineError(f"{file_path}: {unknown}")
+        return values
+
+
+def _unknown_setting(values: dict, model: type[BaseModel], section: str = "") -> str | None:
+    """What in `values` is not a field of `model` (searched into nested sections), said for a person."""
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if section:
+                return f"unknown key {key!r} in section [{section}]{hint}"
+            kind = "section" if isinstance(value, dict) else "key"
+            return f"unknown {kind} {f'[{key}]' if kind == 'section' else repr(key)}{hint}"
+        nested = field.annotation
+        if isinstance(value, dict) and isinstance(nested, type) and issubclass(nested, BaseModel):
+            found = _unknown_setting(value, nested, f"{section}.{key}" if section else key)
+            if found:
+                return found
+    return None
 
 
 class Settings(BaseSettings):
@@ -108,9 +164,10 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        config_file = os.environ.get("FACEMINE_CONFIG") or "facemine.toml"
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file)
-        return init_settings, env_settings, toml
+        named = os.environ.get("FACEMINE_CONFIG")
+        if named and not os.path.exists(named):
+            raise FacemineError(f"FACEMINE_CONFIG names {named}, which does not exist")
+        return init_settings, env_settings, _CheckedTomlSource(settings_cls, toml_file=Path(named or "facemine.toml"))
 
     @cached_property
     def db_url(self) -> str:

@@ -1,18 +1,31 @@
 """Repository: every read and write of facemine's metadata goes through `Store`."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
-from storage.db import migrate, session_scope
+from pipeline.errors import FacemineError
+from storage.db import in_chunks, migrate, session_scope
 from storage.embeddings import EmbeddingShards
 from storage.files import ChipStore
-from storage.schema import Embedding, EmbeddingShard, Face, Image, Model, Subset
+from storage.schema import (
+    ORPHANED,
+    Constraint,
+    Decision,
+    Embedding,
+    EmbeddingShard,
+    Face,
+    Image,
+    Model,
+    PhotoPath,
+    Subset,
+    utcnow,
+)
 from storage.settings import Settings
 
 
@@ -29,11 +42,18 @@ class ModelInfo:
     is_current: bool
 
 
+
+
 class ShardWriteSummary(BaseModel):
-    """What storing shards changed; faces count only those of new or changed photos."""
+    """What storing shards changed; faces count only those of new contents.
+
+    photos_linked: paths whose content was already stored (a copy in another folder or subset,
+    a moved or renamed photo): recorded as a membership, nothing mined again.
+    """
 
     photos_new: int = 0
     photos_unchanged: int = 0
+    photos_linked: int = 0
     photos_skipped: int = 0
     photos_failed: int = 0
     faces_found: int = 0
@@ -83,65 +103,192 @@ class Store:
             session.flush()
         return subset
 
-    def unchanged_paths(self, subset: str, hashes: dict[str, str]) -> set[str]:
-        """Paths already recorded in `subset` with the same content hash (nothing to redo)."""
+    def known_contents(self, hashes: Mapping[str, str]) -> dict[str, str]:
+        """The paths among `hashes` (path -> content hash) whose content is stored already."""
+        by_hash: dict[str, list[str]] = {}
+        for path, content_hash in hashes.items():
+            by_hash.setdefault(content_hash, []).append(path)
+        known: dict[str, str] = {}
         with self.session() as session:
-            rows = session.execute(
-                select(Image.path, Image.content_hash)
-                .join(Subset, Subset.id == Image.subset_id)
-                .where(Subset.name == subset, Image.path.in_(list(hashes)))
-            ).all()
-        return {path for path, content_hash in rows if content_hash is not None and hashes[path] == content_hash}
+            for chunk in in_chunks(sorted(by_hash)):
+                for content_hash in session.scalars(select(Image.content_hash).where(Image.content_hash.in_(chunk))):
+                    known.update((path, content_hash) for path in by_hash[content_hash])
+        return known
 
-    def write_mine_shard(self, subset: str, model: ModelInfo, records: Sequence) -> ShardWriteSummary:
-        """Store one shard of `pipeline.mining.PhotoRecord`s in one transaction.
+    def write_mine_shard(
+        self, subset: str, model: ModelInfo, records: Sequence, known: Mapping[str, str] | None = None
+    ) -> ShardWriteSummary:
+        """Store one shard of `pipeline.mining.PhotoRecord`s, plus the `known` paths (path -> content
+        hash of a stored content, not mined again), in one transaction.
 
-        Idempotent: a photo already stored with the same content hash is left alone (so a
-        re-run, or a concurrent run that got there first, adds nothing); a changed photo
-        replaces its earlier faces. Chips are written before the transaction (content-addressed,
-        so a crash leaves at most unreferenced files).
+        A content is stored once: a path whose content is already stored only gets its membership
+        row (re-runs, copies, moves and other subsets add no faces). A path whose bytes changed
+        points to its new content; the old content's faces go once no path refers to it. A record
+        without a content hash (unreadable, unhashable) is a membership with its status and reason.
+        Chips are written before the transaction (content-addressed, so a crash leaves at most
+        unreferenced files).
         """
-        chip_paths = [[self.chips.put(face.chip) for face in record.faces] for record in records]
+        known = dict(known or {})
+        # (path, record or None when known, content hash, chip paths)
+        photos = [
+            (record.path, record, record.content_hash, [self.chips.put(face.chip) for face in record.faces])
+            for record in records
+        ] + [(path, None, content_hash, []) for path, content_hash in known.items()]
         summary = ShardWriteSummary()
         new_face_ids: list[int] = []
         new_vectors: list[np.ndarray] = []
         with self.session() as session:
             subset_row = self._subset(session, subset)
-            for record, chips in zip(records, chip_paths):
-                image = session.scalar(
-                    select(Image).where(Image.subset_id == subset_row.id, Image.path == record.path)
+            seen = {
+                row.path: row
+                for chunk in in_chunks([photo[0] for photo in photos])
+                for row in session.scalars(
+                    select(PhotoPath).where(PhotoPath.subset_id == subset_row.id, PhotoPath.path.in_(chunk))
                 )
-                if image is not None and image.content_hash is not None and image.content_hash == record.content_hash:
+            }
+            images = {
+                row.content_hash: row
+                for chunk in in_chunks(sorted({photo[2] for photo in photos if photo[2]}))
+                for row in session.scalars(select(Image).where(Image.content_hash.in_(chunk)))
+            }
+            replaced: set[int] = set()
+            for path, record, content_hash, chips in photos:
+                image = images.get(content_hash) if content_hash else None
+                membership = seen.get(path)
+                if membership is not None and image is not None and membership.image_id == image.id:
                     summary.photos_unchanged += 1
                     continue
-                if image is None:
-                    image = Image(subset_id=subset_row.id, path=record.path)
-                    session.add(image)
-                else:
-                    session.execute(delete(Face).where(Face.image_id == image.id))
-                image.content_hash = record.content_hash
-                image.perceptual_hash = record.perceptual_hash
-                image.size_bytes = record.size_bytes
-                image.width, image.height = record.width, record.height
-                image.status, image.reason = record.status, record.reason
-                session.flush()
-                if record.status == "skipped":
-                    summary.photos_skipped += 1
-                elif record.status == "failed":
+                if image is not None:
+                    summary.photos_linked += 1
+                    status, reason = image.status, image.reason
+                elif record is None:
+                    # Its content was removed (another run dropped a subset) after this run looked it up.
                     summary.photos_failed += 1
+                    status, reason = "failed", "retry: its content was removed while this run mined it"
                 else:
-                    summary.photos_new += 1
-                for index, (face, chip_path) in enumerate(zip(record.faces, chips)):
-                    row = self._face_row(image.id, index, face, chip_path, model)
-                    session.add(row)
-                    session.flush()
-                    new_face_ids.append(row.id)
-                    new_vectors.append(face.embedding)
-                    summary.faces_found += 1
-                    summary.faces_passed += int(face.quality.passed)
+                    status, reason = record.status, record.reason
+                    self._count(summary, status)
+                    if content_hash is not None:
+                        image = images[content_hash] = self._new_image(session, record)
+                        for index, (face, chip_path) in enumerate(zip(record.faces, chips)):
+                            row = self._face_row(image.id, index, face, chip_path, model)
+                            session.add(row)
+                            session.flush()
+                            new_face_ids.append(row.id)
+                            new_vectors.append(face.embedding)
+                            summary.faces_found += 1
+                            summary.faces_passed += int(face.quality.passed)
+                if membership is None:
+                    membership = PhotoPath(subset_id=subset_row.id, path=path)
+                    session.add(membership)
+                    seen[path] = membership
+                elif membership.image_id is not None:
+                    replaced.add(membership.image_id)
+                membership.image_id = image.id if image is not None else None
+                membership.status, membership.reason, membership.seen_at = status, reason, utcnow()
+            session.flush()
+            self._drop_unreferenced(session, replaced, "its photo changed")
             if new_face_ids:
                 self._add_shard(session, model, np.asarray(new_face_ids), np.stack(new_vectors))
         return summary
+
+    @staticmethod
+    def _count(summary: ShardWriteSummary, status: str) -> None:
+        if status == "skipped":
+            summary.photos_skipped += 1
+        elif status == "failed":
+            summary.photos_failed += 1
+        else:
+            summary.photos_new += 1
+
+    @staticmethod
+    def _new_image(session: Session, record) -> Image:  # noqa: ANN001 - pipeline.mining.PhotoRecord
+        image = Image(
+            content_hash=record.content_hash,
+            perceptual_hash=record.perceptual_hash,
+            size_bytes=record.size_bytes,
+            width=record.width,
+            height=record.height,
+            status=record.status,
+            reason=record.reason,
+        )
+        session.add(image)
+        session.flush()
+        return image
+
+    def _drop_unreferenced(self, session: Session, image_ids: Iterable[int], why: str) -> int:
+        """Delete the contents among `image_ids` that no path refers to any more, with their faces
+        (their embeddings, assignments and constraints go by cascade). Constraints about those faces
+        are copied into one `orphaned` decision, so the log keeps what people had decided."""
+        candidates = sorted(set(image_ids))
+        if not candidates:
+            return 0
+        referenced = set(
+            session.scalars(select(PhotoPath.image_id).where(PhotoPath.image_id.in_(candidates)).distinct())
+        )
+        gone = [image_id for image_id in candidates if image_id not in referenced]
+        if not gone:
+            return 0
+        face_ids = list(session.scalars(select(Face.id).where(Face.image_id.in_(gone)).order_by(Face.id)))
+        orphaned = []
+        for chunk in in_chunks(face_ids):
+            orphaned += session.execute(
+                select(Constraint).where(or_(Constraint.face_a.in_(chunk), Constraint.face_b.in_(chunk)))
+            ).scalars().all()
+        if orphaned:
+            session.add(
+                Decision(
+                    who="facemine",
+                    action=ORPHANED,
+                    why=why,
+                    payload={
+                        "summary": f"{len(face_ids)} faces removed ({why}); {len(orphaned)} constraints went with them",
+                        "orphaned_faces": face_ids,
+                        "constraints": [
+                            {"id": c.id, "decision_id": c.decision_id, "kind": c.kind, "face_a": c.face_a,
+                             "face_b": c.face_b, "identity_id": c.identity_id, "active": c.active}
+                            for c in sorted(orphaned, key=lambda c: c.id)
+                        ],
+                        "decisions": sorted({c.decision_id for c in orphaned}),
+                    },
+                )
+            )
+        for chunk in in_chunks(gone):
+            session.execute(delete(Image).where(Image.id.in_(chunk)))
+        return len(face_ids)
+
+    # ---- subsets -----------------------------------------------------------------------
+
+    def subsets(self) -> list[dict]:
+        """Per subset: paths recorded, photos with a content, distinct faces; by name."""
+        with self.session() as session:
+            rows = session.execute(
+                select(
+                    Subset.name,
+                    func.count(distinct(PhotoPath.id)),
+                    func.count(distinct(PhotoPath.image_id)),
+                    func.count(distinct(Face.id)),
+                )
+                .outerjoin(PhotoPath, PhotoPath.subset_id == Subset.id)
+                .outerjoin(Face, Face.image_id == PhotoPath.image_id)
+                .group_by(Subset.name)
+                .order_by(Subset.name)
+            ).all()
+        return [{"subset": name, "paths": paths, "photos": photos, "faces": faces} for name, paths, photos, faces in rows]
+
+    def remove_subset(self, name: str) -> dict:
+        """Remove a subset's memberships; photos no other path refers to go with their faces."""
+        with self.session() as session:
+            subset = session.scalar(select(Subset).where(Subset.name == name))
+            if subset is None:
+                raise FacemineError(f"no subset named {name!r}")
+            image_ids = list(
+                session.scalars(select(PhotoPath.image_id).where(PhotoPath.subset_id == subset.id).distinct())
+            )
+            paths = session.execute(delete(PhotoPath).where(PhotoPath.subset_id == subset.id)).rowcount
+            faces = self._drop_unreferenced(session, [i for i in image_ids if i is not None], f"subset {name!r} removed")
+            session.delete(subset)
+        return {"subset": name, "paths": paths, "faces_removed": faces}
 
     @staticmethod
     def _face_row(image_id: int, index: int, face, chip_path: str, model: ModelInfo) -> Face:  # noqa: ANN001
@@ -255,26 +402,40 @@ class Store:
             return list(session.scalars(select(Face.id).where(Face.id.not_in(embedded)).order_by(Face.id)))
 
     def load_embeddings(self, model_id: int, face_ids: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(face_ids sorted, vectors) of one model; memory-mapped shards, filtered to `face_ids`."""
+        """(face_ids sorted, vectors) of one model, optionally only `face_ids`; each vector read at
+        the (shard, row) the index names (shards are memory-mapped; stale copies are ignored)."""
+        query = select(Embedding.face_id, Embedding.shard_id, Embedding.row).where(Embedding.model_id == model_id)
         with self.session() as session:
-            paths = list(session.scalars(select(EmbeddingShard.path).where(EmbeddingShard.model_id == model_id)))
-        wanted = None if face_ids is None else np.fromiter(face_ids, np.int64)
-        return self.shards.gather(paths, wanted)
+            shard_paths = dict(
+                session.execute(select(EmbeddingShard.id, EmbeddingShard.path).where(EmbeddingShard.model_id == model_id)).all()
+            )
+            if face_ids is None:
+                rows = session.execute(query).all()
+            else:
+                wanted = sorted({int(face_id) for face_id in face_ids})
+                rows = [row for chunk in in_chunks(wanted) for row in session.execute(query.where(Embedding.face_id.in_(chunk)))]
+        index = np.array(rows, np.int64).reshape(-1, 3)  # face, shard, row
+        index = index[np.argsort(index[:, 0], kind="stable")]
+        shard_ids = sorted(shard_paths)
+        shard_of = np.searchsorted(shard_ids, index[:, 1])
+        vectors = self.shards.gather(index[:, 0], shard_of, index[:, 2], [shard_paths[i] for i in shard_ids])
+        return index[:, 0], vectors
 
     # ---- reporting ---------------------------------------------------------------------
 
     def status_counts(self) -> list[dict]:
-        """Photo counts per subset, status and failure reason (reason code before ':')."""
+        """Photo counts per subset, status and failure reason (reason code before ':'), from the
+        subset's paths; faces once per subset however many of its paths hold their photo."""
         with self.session() as session:
             rows = session.execute(
-                select(Subset.name, Image.status, Image.reason, func.count())
-                .join(Image, Image.subset_id == Subset.id)
-                .group_by(Subset.name, Image.status, Image.reason)
+                select(Subset.name, PhotoPath.status, PhotoPath.reason, func.count())
+                .join(PhotoPath, PhotoPath.subset_id == Subset.id)
+                .group_by(Subset.name, PhotoPath.status, PhotoPath.reason)
             ).all()
             face_rows = session.execute(
-                select(Subset.name, Face.passed, func.count())
-                .join(Image, Image.subset_id == Subset.id)
-                .join(Face, Face.image_id == Image.id)
+                select(Subset.name, Face.passed, func.count(distinct(Face.id)))
+                .join(PhotoPath, PhotoPath.subset_id == Subset.id)
+                .join(Face, Face.image_id == PhotoPath.image_id)
                 .group_by(Subset.name, Face.passed)
             ).all()
         counts: dict[tuple[str, str, str], int] = {}

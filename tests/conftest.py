@@ -17,7 +17,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in list(os.environ):
         if name.startswith("FACEMINE_"):
             del os.environ[name]
-    os.environ["FACEMINE_CONFIG"] = str(REPO / "tests" / "no-such-config.toml")
+    os.environ["FACEMINE_CONFIG"] = os.devnull  # no config file: an empty one (a missing one is an error)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
     prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(config.rootpath) / ".pytest_cache" / "prefect-home")))

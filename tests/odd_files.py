@@ -1,7 +1,14 @@
 """A folder of every kind of odd and broken photo file, made at test time from one real photo."""
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
+import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -93,3 +100,108 @@ def make_odd_folder(root: Path) -> dict[str, str]:
         "broken_link.jpg": "failed: unreadable",
     }
     return expected
+
+
+def jpeg_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def make_hostile_folder(root: Path) -> dict[str, str]:
+    """Fill `root` with kinds of input that hang, abort or pollute a naive miner; returns relative
+    record key -> expected outcome, as `make_odd_folder`. The unreadable file and folder are
+    unreadable only without root's permission override (see `offered_outcomes`)."""
+    rgb = real_rgb()
+    jpeg = jpeg_bytes(rgb)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    os.mkfifo(root / "fifo.jpg")
+    (root / "device.jpg").symlink_to("/dev/zero")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(root / "socket.png"))
+    (root / "loop_a.jpg").symlink_to(root / "loop_b.jpg")
+    (root / "loop_b.jpg").symlink_to(root / "loop_a.jpg")
+    (root / os.fsdecode(b"caf\xe9.jpg")).write_bytes(jpeg)  # Latin-1 name: not UTF-8
+    (root / "new\nline.jpg").write_bytes(jpeg)
+    (root / "no_extension").write_bytes(jpeg)
+    (root / "jpeg_named.png").write_bytes(jpeg)
+    (root / "png_named.txt").write_bytes(png.getvalue())
+    (root / "README").write_text("no photo, no photo name: never offered\n")
+    (root / "damaged_header.jpg").write_bytes(jpeg[:4] + bytes(range(256)) * 8)
+    with open(root / "too_large.jpg", "wb") as sparse:  # no disk used: a hole after the photo
+        sparse.write(jpeg)
+        sparse.truncate(TEST_MAX_PIXELS * 8 + 1)
+    (root / "unreadable.jpg").write_bytes(jpeg)
+    (root / "unreadable.jpg").chmod(0)
+    locked = root / "locked"
+    locked.mkdir()
+    (locked / "inside.jpg").write_bytes(jpeg)
+    locked.chmod(0)
+    store = root / "facemine-data"  # a store's data folder: its chips are never mined again
+    (store / "chips" / "ab").mkdir(parents=True)
+    (store / "facemine.db").touch()
+    (store / "chips" / "ab" / "chip.png").write_bytes(png.getvalue())
+    export = root / "datasets" / "v1"  # a dataset export copied elsewhere
+    (export / "000001_anna").mkdir(parents=True)
+    (export / "dataset_card.json").write_text("{}")
+    (export / "manifest.parquet").touch()
+    (export / "000001_anna" / "chip.png").write_bytes(png.getvalue())
+    not_regular = "failed: unreadable: not a regular file"
+    return {
+        "fifo.jpg": f"{not_regular} (FIFO)",
+        "device.jpg": f"{not_regular} (character device)",
+        "socket.png": f"{not_regular} (socket)",
+        "loop_a.jpg": "failed: unreadable: OSError: Too many levels of symbolic links",
+        "loop_b.jpg": "failed: unreadable: OSError: Too many levels of symbolic links",
+        "caf\\xe9.jpg": "ok",
+        "new\nline.jpg": "ok",
+        "no_extension": "ok",
+        "jpeg_named.png": "ok",
+        "png_named.txt": "ok",
+        "damaged_header.jpg": "failed: corrupt: JPEG header damaged",
+        "too_large.jpg": "failed: too-large",
+        "unreadable.jpg": "failed: unreadable: PermissionError",
+        "locked": "failed: unreadable: folder cannot be listed: PermissionError",
+    }
+
+
+def without_root_override(command: list[str]) -> list[str]:
+    """`command` run so that file permissions apply: as root, without the capabilities that
+    let root read anything (tests run as root in containers)."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root: util-linux's setpriv is needed to test unreadable files"
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+
+
+def offered_outcomes(root: Path, max_pixels: int = TEST_MAX_PIXELS) -> dict[str, str]:
+    """Relative record key -> outcome of every file the walk offers under `root` (rejected by
+    the walk, or loaded), computed in a process where file permissions apply."""
+    script = (
+        "import json, sys; from odd_files import walk_outcomes; "
+        "print(json.dumps(walk_outcomes(sys.argv[1], int(sys.argv[2]))))"
+    )
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
+    done = subprocess.run(without_root_override([sys.executable, "-c", script, str(root), str(max_pixels)]),
+                          capture_output=True, text=True, timeout=120, env=env, check=True)
+    return json.loads(done.stdout)
+
+
+def walk_outcomes(root: str, max_pixels: int) -> dict[str, str]:
+    from pipeline.config import IngestConfig
+    from pipeline.ingest import ImageRejected, load_image, path_key, walk_photos
+
+    config = IngestConfig(max_image_pixels=max_pixels)
+    prefix = path_key(root) + "/"
+    outcomes = {}
+    for found in walk_photos([root], config.extensions):
+        outcome = f"{found.status}: {found.reason}" if found.status else "ok"
+        if found.status is None:
+            try:
+                load_image(found.path, config)
+            except ImageRejected as rejected:
+                outcome = f"{rejected.status}: {rejected.reason}"
+        outcomes[found.key.removeprefix(prefix)] = outcome
+    return outcomes

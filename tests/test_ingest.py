@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,16 @@ from PIL import Image
 
 from pipeline.config import IngestConfig
 from pipeline.errors import FacemineError
+from pipeline.hashing import NotARegularFile, file_sha256, open_regular_file
 from pipeline.ingest import (
     ImageRejected,
     downscale_for_detection,
     hamming_distance,
     iter_image_files,
     load_image,
+    path_from_key,
+    path_key,
+    walk_photos,
 )
 
 from odd_files import (
@@ -26,8 +33,11 @@ from odd_files import (
     SAME_PHOTO_MAX_BITS,
     SCENES,
     TEST_MAX_PIXELS,
+    make_hostile_folder,
     make_odd_folder,
+    offered_outcomes,
     real_rgb,
+    walk_outcomes,
 )
 
 
@@ -52,24 +62,98 @@ def load(path: Path):
 
 def test_walk_lists_each_image_once_in_sorted_order(odd_folder):
     root, expected = odd_folder
-    found = list(iter_image_files([root], IngestConfig().extensions))
-    relative = [path.relative_to(root).as_posix() for path in found]
-    assert all(path.is_absolute() for path in found)
+    found = list(walk_photos([root], IngestConfig().extensions))
+    relative = [Path(file.path).relative_to(root).as_posix() for file in found]
+    assert all(Path(file.path).is_absolute() for file in found)
     assert relative == sorted(expected, key=lambda name: name.split("/")), "each file once, sorted"
+    rejected = {name for name, file in zip(relative, found) if file.status}
+    assert rejected == {"broken_link.jpg"}, "only the broken link is rejected without being opened"
+    mined = [path.relative_to(root).as_posix() for path in iter_image_files([root], IngestConfig().extensions)]
+    assert mined == [name for name in relative if name not in rejected]
 
 
 def test_every_file_is_accounted_for(odd_folder):
     root, expected = odd_folder
-    for path in iter_image_files([root], IngestConfig().extensions):
-        name = path.relative_to(root).as_posix()
-        assert outcome(path).startswith(expected[name]), name
+    outcomes = walk_outcomes(str(root), TEST_MAX_PIXELS)
+    assert set(outcomes) == set(expected)
+    for name, outcome_seen in outcomes.items():
+        assert outcome_seen.startswith(expected[name]), name
 
 
 def test_reasons_carry_details(odd_folder):
     root, _ = odd_folder
     assert outcome(root / "bomb.jpg") == "failed: decompression-bomb: 3.1e+06 pixels"
-    assert "FileNotFoundError" in outcome(root / "broken_link.jpg")
-    assert outcome(root / "folder.jpg") == "failed: unreadable: not a regular file"
+    assert outcome(root / "broken_link.jpg") == "failed: unreadable: FileNotFoundError: No such file or directory"
+    assert outcome(root / "folder.jpg") == "failed: unreadable: not a regular file (folder)"
+
+
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("hostile")
+    yield root, make_hostile_folder(root)
+    (root / "locked").chmod(0o755)  # let pytest clean up
+
+
+def test_hostile_inputs_are_offered_with_their_reasons(hostile_folder):
+    """FIFOs, devices, sockets, loops, unreadable files and folders, odd names and damaged or
+    unnamed photos: the walk finishes, offers each once with the right outcome, and never
+    enters a store's data folder or a dataset export."""
+    root, expected = hostile_folder
+    outcomes = offered_outcomes(root)  # permissions apply; bounded in time (a FIFO read would hang)
+    assert set(outcomes) == set(expected)
+    for name, outcome_seen in outcomes.items():
+        assert outcome_seen.startswith(expected[name]), (name, outcome_seen)
+
+
+@contextmanager
+def deadline(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging: opening a FIFO for reading blocks until a writer comes."""
+    def give_up(_signal: int, _frame: object) -> None:
+        raise TimeoutError(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_special_files_are_never_opened_for_reading(hostile_folder):
+    root, _ = hostile_folder
+    with deadline(20):
+        for name, kind in (("fifo.jpg", "FIFO"), ("device.jpg", "character device"), ("socket.png", "socket")):
+            with pytest.raises(NotARegularFile, match=rf"not a regular file \({kind}\)"):
+                file_sha256(root / name)
+            assert outcome(root / name) == f"failed: unreadable: not a regular file ({kind})"
+
+
+def test_fifo_swapped_in_after_the_type_check_is_not_read(hostile_folder, monkeypatch):
+    root, _ = hostile_folder
+    regular = os.stat(root / "jpeg_named.png")
+    real_stat = os.stat
+    def stat_before_the_swap(path, *args, **kwargs):  # noqa: ANN001, ANN202 - os.stat's signature
+        return regular if str(path).endswith("fifo.jpg") else real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", stat_before_the_swap)
+    with deadline(20), pytest.raises(NotARegularFile, match="FIFO"):
+        open_regular_file(root / "fifo.jpg")
+
+
+def test_non_utf8_name_gets_a_printable_stable_key(hostile_folder):
+    root, _ = hostile_folder
+    [found] = [file for file in walk_photos([root], IngestConfig().extensions) if "caf" in file.path]
+    assert found.key == path_key(root) + "/caf\\xe9.jpg"
+    found.key.encode("utf-8")  # storable as text
+    assert os.fsencode(found.path) == os.fsencode(root) + b"/caf\xe9.jpg", "mined through its real bytes"
+    assert path_from_key(found.key) == found.path
+    assert load_image(found.path, IngestConfig()).width == 360
+
+
+def test_excluded_folders_are_never_entered(odd_folder):
+    root, expected = odd_folder
+    walked = walk_photos([root], IngestConfig().extensions, excluded=[root / "nested"])
+    found = {Path(file.path).relative_to(root).as_posix() for file in walked}
+    assert found == set(expected) - {"link_to_nested/inner.png"}
 
 
 def test_pillow_global_limit_is_left_alone(odd_folder):
@@ -158,7 +242,7 @@ def test_file_root_is_yielded_as_is(tmp_path, monkeypatch):
 
 def test_overlapping_roots_list_each_file_once(odd_folder):
     root, expected = odd_folder
-    found = list(iter_image_files([root, root / "nested"], IngestConfig().extensions))
+    found = [file.path for file in walk_photos([root, root / "nested"], IngestConfig().extensions)]
     assert len(found) == len(set(found)) == len(expected)
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from conftest import DATA, REPO
 from odd_files import TEST_MAX_PIXELS, make_odd_folder
-from storage.schema import Embedding, Face, Image
+from storage.schema import Embedding, Face, Image, PhotoPath
 from storage.settings import Settings
 from storage.store import Store
 
@@ -40,7 +40,11 @@ def stored_rows(data_dir: Path, database_url: str | None = None) -> pd.DataFrame
     store = Store(Settings(data_dir=data_dir, database_url=database_url))
     with store.session() as session:
         images = pd.DataFrame(
-            session.execute(select(Image.id, Image.path, Image.status, Image.reason, Image.content_hash)).mappings().all()
+            session.execute(
+                select(Image.id, PhotoPath.path, PhotoPath.status, PhotoPath.reason, Image.content_hash)
+                .select_from(PhotoPath)
+                .outerjoin(Image, Image.id == PhotoPath.image_id)
+            ).mappings().all()
         )
         faces = pd.DataFrame(
             session.execute(
@@ -96,7 +100,11 @@ def test_every_file_is_accounted_for(odd_and_real, data_dir, prefect_harness, mo
     for name, outcome in expected.items():
         status, reason = recorded[name]
         assert f"{status}: {reason}".startswith(outcome) if reason else outcome == status == "ok", (name, status, reason)
-    assert summary.photos_seen == len(recorded) == summary.photos_new + summary.photos_skipped + summary.photos_failed
+    counted = summary.photos_new + summary.photos_linked + summary.photos_skipped + summary.photos_failed
+    assert summary.photos_seen == len(recorded) == counted
+    # UPPER_CASE.JPG holds plain.jpg's bytes: one content, two paths, mined once.
+    hashed = rows.dropna(subset=["content_hash"])
+    assert summary.photos_linked == len(hashed) - hashed.content_hash.nunique() > 0
     assert summary.faces_found >= 4  # every LFW photo has a face
 
 

@@ -175,3 +175,9 @@ def test_shard_writes_in_flight_together_store_each_photo_once(tmp_path, postgre
 
 def test_concurrent_runs_on_overlapping_photos_create_no_duplicates(tmp_path, postgres_url):
     assert_concurrent_runs_create_no_duplicates(Settings(data_dir=tmp_path / "data", database_url=postgres_url))
+
+
+def test_migration_0002_merges_copies_on_postgresql(tmp_path, postgres_url):
+    from test_migration import check_0002_merges_copies_keeping_every_decision
+
+    check_0002_merges_copies_keeping_every_decision(Settings(data_dir=tmp_path, database_url=postgres_url))

@@ -31,7 +31,7 @@ from flows.serve import build_deployments, describe_schedule, schedules_for
 from flows.train import retrain
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
-from storage.schema import Image, Subset
+from storage.schema import Image, PhotoPath, Subset
 from storage.settings import ServeConfig, Settings
 from storage.store import Store
 
@@ -152,7 +152,11 @@ def link_lfw_photos(folder: Path, names: list[str]) -> list[str]:
 
 def processed_at(settings: Settings, subset: str) -> dict[str, datetime]:
     """When each photo of `subset` was last mined."""
-    query = select(Image.path, Image.processed_at).join(Subset, Subset.id == Image.subset_id)
+    query = (
+        select(PhotoPath.path, Image.processed_at)
+        .join(Image, Image.id == PhotoPath.image_id)
+        .join(Subset, Subset.id == PhotoPath.subset_id)
+    )
     with Store(settings).session() as session:
         return dict(session.execute(query.where(Subset.name == subset)).all())
 

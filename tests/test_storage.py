@@ -6,6 +6,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from pipeline.errors import FacemineError
 from storage.db import get_engine
 from storage.embeddings import EmbeddingShards
 from storage.files import ChipStore, atomic_write_bytes
@@ -26,15 +27,17 @@ def test_migrations_create_exactly_the_models_schema(tmp_path):
     assert schema_differences(store.url) == []
 
 
-def test_embedding_shards_gather_by_face_id_memory_mapped(tmp_path):
+def test_embedding_shards_gather_reads_the_indexed_row_memory_mapped(tmp_path):
     shards = EmbeddingShards(tmp_path)
     rng = np.random.default_rng(0)
     first = shards.write("a" * 64, np.array([5, 1, 9]), rng.normal(size=(3, 4)))
-    second = shards.write("a" * 64, np.array([7]), rng.normal(size=(1, 4)))
-    ids, vectors = shards.gather([first, second], np.array([9, 7, 1]))
-    assert ids.tolist() == [1, 7, 9]
-    np.testing.assert_array_equal(vectors[2], shards.open(first)[1][2])
+    second = shards.write("a" * 64, np.array([7, 1]), rng.normal(size=(2, 4)))  # face 1 again: a newer vector
+    vectors = shards.gather(np.array([9, 7, 1]), np.array([0, 1, 1]), np.array([2, 0, 1]), [first, second])
+    np.testing.assert_array_equal(vectors[0], shards.open(first)[1][2])
+    np.testing.assert_array_equal(vectors[2], shards.open(second)[1][1])  # the indexed copy, not the first found
     assert isinstance(shards.open(first)[1], np.memmap)
+    with pytest.raises(FacemineError, match="does not hold the faces its index names"):
+        shards.gather(np.array([1]), np.array([0]), np.array([0]), [first])
 
 
 def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):

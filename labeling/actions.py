@@ -5,7 +5,11 @@ works out which faces go where and which constraints that implies (a `LabelEdit`
 to `storage.decisions.apply_decision`, which logs and applies it in one transaction.
 
 Merge keeps the identity with a name (two different names: refused), else the one with more
-faces, else the first given.
+faces, else the first given. A merge is one person's faces pinned to one identity: that is what
+binds later runs. A split sets the two groups apart (cannot-links): no run joins them and a merge
+of the two is refused. Every action takes `force`: a decision that contradicts an earlier one
+(see `storage.decisions`), or a merge of two locked identities, is refused with
+`DecisionConflict` unless forced, and a forced one records what it overrode.
 """
 from __future__ import annotations
 
@@ -17,14 +21,14 @@ from dataclasses import dataclass
 import pandas as pd
 
 from labeling.text import plural
-from pipeline.errors import FacemineError
+from pipeline.errors import FacemineError, check_name
 from storage import decisions
 from storage.decisions import (
     CANNOT_LINK,
     MEMBER,
-    MUST_LINK,
     NOT_A_FACE,
     REJECT,
+    DecisionConflict,
     DecisionRecord,
     LabelEdit,
     NewConstraint,
@@ -121,24 +125,23 @@ class Labeler:
             raise FacemineError(f"face {missing[0]} is not in the current labelling (run {run_id})")
         return found
 
-    def _apply(self, run_id: int, action: str, why: str | None, summary: str, edit: LabelEdit, **details) -> DecisionRecord:  # noqa: ANN003
-        return decisions.apply_decision(self.store, run_id, self.who, action, why, summary, edit, details)
+    def _apply(self, run_id: int, action: str, why: str | None, summary: str, edit: LabelEdit, force: bool,
+               **details) -> DecisionRecord:  # noqa: ANN003
+        return decisions.apply_decision(self.store, run_id, self.who, action, why, summary, edit, details, force)
 
     # ---- identity-wide actions -------------------------------------------------------------
 
-    def accept(self, identity_id: int, why: str | None = None) -> DecisionRecord:
+    def accept(self, identity_id: int, why: str | None = None, force: bool = False) -> DecisionRecord:
         """The identity is pure: pin all its faces to it."""
         run_id = self.run_id
         info = self._with_faces(identity_id, run_id)
         assign, constraints = _pin(info.faces, identity_id)
         edit = LabelEdit(assign, {identity_id: {"accepted": True}}, constraints)
-        return self._apply(run_id, "accept", why, f"accepted {info.label()} ({plural(len(info.faces))})", edit, identity=identity_id)
+        return self._apply(run_id, "accept", why, f"accepted {info.label()} ({plural(len(info.faces))})", edit, force, identity=identity_id)
 
-    def name(self, identity_id: int, name: str, why: str | None = None) -> DecisionRecord:
+    def name(self, identity_id: int, name: str, why: str | None = None, force: bool = False) -> DecisionRecord:
         """Name or rename; the faces it holds now are pinned to it."""
-        name = name.strip()
-        if not name:
-            raise FacemineError("a name cannot be empty")
+        name = check_name(name.strip(), "a name")  # one line that fits its column
         run_id = self.run_id
         info = self._with_faces(identity_id, run_id)
         holders = identity_rows(self.store).query("name == @name and status == 'active' and identity_id != @identity_id")
@@ -148,17 +151,17 @@ class Labeler:
         assign, constraints = _pin(info.faces, identity_id)
         edit = LabelEdit(assign, {identity_id: {"name": name}}, constraints)
         summary = f"named identity {identity_id} '{name}'" + (f" (was '{info.name}')" if info.name else "")
-        return self._apply(run_id, "name", why, summary, edit, identity=identity_id, name=name)
+        return self._apply(run_id, "name", why, summary, edit, force, identity=identity_id, name=name)
 
-    def lock(self, identity_id: int, why: str | None = None) -> DecisionRecord:
+    def lock(self, identity_id: int, why: str | None = None, force: bool = False) -> DecisionRecord:
         """Keep exactly the current members: no face joins automatically any more."""
         run_id = self.run_id
         info = self._with_faces(identity_id, run_id)
         assign, constraints = _pin(info.faces, identity_id)
         edit = LabelEdit(assign, {identity_id: {"locked": True}}, constraints)
-        return self._apply(run_id, "lock", why, f"locked {info.label()} ({plural(len(info.faces))})", edit, identity=identity_id)
+        return self._apply(run_id, "lock", why, f"locked {info.label()} ({plural(len(info.faces))})", edit, force, identity=identity_id)
 
-    def merge(self, first: int, second: int, why: str | None = None) -> DecisionRecord:
+    def merge(self, first: int, second: int, why: str | None = None, force: bool = False) -> DecisionRecord:
         """One person: all faces of both go to the survivor (see module docstring), the other is retired."""
         if first == second:
             raise FacemineError("cannot merge an identity with itself")
@@ -166,28 +169,34 @@ class Labeler:
         a, b = self._with_faces(first, run_id), self._with_faces(second, run_id)
         if a.name and b.name and a.name != b.name:
             raise FacemineError(f"identities {first} '{a.name}' and {second} '{b.name}' have different names: rename one first")
+        both_locked = a.locked and b.locked
+        if both_locked and not force:
+            raise DecisionConflict(f"refused: identities {first} and {second} are both locked; --force overrides")
         keep, gone = _survivor(a, b)
         assign, constraints = _pin(keep.faces + gone.faces, keep.id)
-        constraints.append(NewConstraint(MUST_LINK, keep.faces[0], gone.faces[0]))
         fields = {
             keep.id: {"name": keep.name or gone.name, "locked": keep.locked or gone.locked, "accepted": keep.accepted and gone.accepted},
             gone.id: {"status": "merged", "merged_into": keep.id},
         }
         summary = f"merged {gone.label()} ({plural(len(gone.faces))}) into {keep.label()} ({plural(len(keep.faces))})"
-        return self._apply(run_id, "merge", why, summary, LabelEdit(assign, fields, constraints), kept=keep.id, merged=gone.id)
+        if both_locked:
+            summary += " (overriding both locks)"
+        return self._apply(run_id, "merge", why, summary, LabelEdit(assign, fields, constraints), force,
+                           kept=keep.id, merged=gone.id, overrides_locks=both_locked)
 
     # ---- face actions ----------------------------------------------------------------------
 
-    def reject(self, identity_id: int, faces: Sequence[int], why: str | None = None) -> DecisionRecord:
+    def reject(self, identity_id: int, faces: Sequence[int], why: str | None = None, force: bool = False) -> DecisionRecord:
         """These faces are not this person: they leave and never return automatically."""
         run_id = self.run_id
         faces = self._faces_of(self._with_faces(identity_id, run_id), faces)
         edit = LabelEdit(
             {face: None for face in faces}, {}, [NewConstraint(REJECT, face, identity=identity_id) for face in faces]
         )
-        return self._apply(run_id, "reject", why, f"rejected {plural(len(faces))} from identity {identity_id}", edit, identity=identity_id)
+        return self._apply(run_id, "reject", why, f"rejected {plural(len(faces))} from identity {identity_id}", edit, force,
+                           identity=identity_id)
 
-    def move(self, faces: Sequence[int], target: int, why: str | None = None) -> DecisionRecord:
+    def move(self, faces: Sequence[int], target: int, why: str | None = None, force: bool = False) -> DecisionRecord:
         """These faces belong to `target`: pinned there and rejected from where they were."""
         run_id = self.run_id
         current = self._faces_in_run(faces, run_id)
@@ -200,10 +209,12 @@ class Labeler:
         constraints += [NewConstraint(REJECT, face, identity=current[face]) for face in faces if current[face] is not None]
         sources = sorted({current[face] for face in faces if current[face] is not None})
         summary = f"moved {plural(len(faces))} to {info.label()}" + (f" from {', '.join(map(str, sources))}" if sources else "")
-        return self._apply(run_id, "move", why, summary, LabelEdit(assign, {}, constraints), target=target)
+        return self._apply(run_id, "move", why, summary, LabelEdit(assign, {}, constraints), force, target=target)
 
-    def split(self, identity_id: int, faces: Sequence[int], why: str | None = None) -> DecisionRecord:
-        """These faces are another person: a new identity for them, the rest stay (both pinned)."""
+    def split(self, identity_id: int, faces: Sequence[int], why: str | None = None, force: bool = False) -> DecisionRecord:
+        """These faces are another person: a new identity for them, the rest stay (both pinned), and
+        the two groups are set apart: each face of one cannot-linked to the first face of the other,
+        so the separation holds while either group keeps its first face."""
         run_id = self.run_id
         info = self._with_faces(identity_id, run_id)
         faces = self._faces_of(info, faces)
@@ -212,18 +223,19 @@ class Labeler:
             raise FacemineError(f"splitting off every face of identity {identity_id} changes nothing")
         new_assign, new_constraints = _pin(faces, -1)
         old_assign, old_constraints = _pin(rest, identity_id)
-        constraints = new_constraints + old_constraints + [NewConstraint(CANNOT_LINK, faces[0], rest[0])]
-        edit = LabelEdit(new_assign | old_assign, {}, constraints, create_identities=1)
+        apart = [NewConstraint(CANNOT_LINK, face, rest[0]) for face in faces]
+        apart += [NewConstraint(CANNOT_LINK, face, faces[0]) for face in rest[1:]]
+        edit = LabelEdit(new_assign | old_assign, {}, new_constraints + old_constraints + apart, create_identities=1)
         summary = f"split {plural(len(faces))} off identity {identity_id} into a new identity"
-        return self._apply(run_id, "split", why, summary, edit, identity=identity_id)
+        return self._apply(run_id, "split", why, summary, edit, force, identity=identity_id)
 
-    def not_a_face(self, faces: Sequence[int], why: str | None = None) -> DecisionRecord:
+    def not_a_face(self, faces: Sequence[int], why: str | None = None, force: bool = False) -> DecisionRecord:
         """Detector false positives: out of every identity, for good."""
         run_id = self.run_id
         self._faces_in_run(faces, run_id)
         faces = sorted(set(faces))
         edit = LabelEdit({face: None for face in faces}, {}, [NewConstraint(NOT_A_FACE, face) for face in faces])
-        return self._apply(run_id, "not_a_face", why, f"marked {plural(len(faces))} as not a face", edit)
+        return self._apply(run_id, "not_a_face", why, f"marked {plural(len(faces))} as not a face", edit, force)
 
     # ---- log -------------------------------------------------------------------------------
 

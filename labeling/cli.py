@@ -50,8 +50,16 @@ def cmd_review(args: argparse.Namespace) -> int:
         out = write_identity_sheet(store, identity, run_id, args.out or Path(f"identity-{args.sheet}.png"), args.columns)
         print(f"wrote {out} ({len(identity.faces)} faces)")
         return 0
+    if args.web:
+        from labeling.session import ReviewSession
+        from labeling.web import serve
+
+        serve(ReviewSession(store, Labeler(store, args.who)), args.port, args.open)
+        return 0
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
-        raise FacemineError("facemine review needs an interactive terminal; use --sheet ID to write a contact sheet")
+        raise FacemineError(
+            "facemine review needs an interactive terminal; use --web for the browser or --sheet ID to write a contact sheet"
+        )
     from labeling.app import run_review
     from labeling.thumbnails import Thumbnails
 
@@ -61,35 +69,35 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_accept(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).accept(args.identity, args.why))
+    return _report(_labeler(args).accept(args.identity, args.why, args.force))
 
 
 def cmd_name(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).name(args.identity, args.name, args.why))
+    return _report(_labeler(args).name(args.identity, args.name, args.why, args.force))
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).lock(args.identity, args.why))
+    return _report(_labeler(args).lock(args.identity, args.why, args.force))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).merge(args.first, args.second, args.why))
+    return _report(_labeler(args).merge(args.first, args.second, args.why, args.force))
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).split(args.identity, args.faces, args.why))
+    return _report(_labeler(args).split(args.identity, args.faces, args.why, args.force))
 
 
 def cmd_reject(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).reject(args.identity, args.faces, args.why))
+    return _report(_labeler(args).reject(args.identity, args.faces, args.why, args.force))
 
 
 def cmd_move(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).move(args.faces, args.to, args.why))
+    return _report(_labeler(args).move(args.faces, args.to, args.why, args.force))
 
 
 def cmd_not_a_face(args: argparse.Namespace) -> int:
-    return _report(_labeler(args).not_a_face(args.faces, args.why))
+    return _report(_labeler(args).not_a_face(args.faces, args.why, args.force))
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
@@ -108,16 +116,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `review` and `label` to the facemine command line."""
     who = argparse.ArgumentParser(add_help=False)
     who.add_argument("--who", default=None, help="reviewer recorded with decisions (default: $USER)")
-    decision = argparse.ArgumentParser(add_help=False, parents=[who])
-    decision.add_argument("--why", default=None, help="reason recorded with the decision")
+    reasoned = argparse.ArgumentParser(add_help=False, parents=[who])
+    reasoned.add_argument("--why", default=None, help="reason recorded with the decision")
+    decision = argparse.ArgumentParser(add_help=False, parents=[reasoned])
+    decision.add_argument("--force", action="store_true",
+                          help="override earlier decisions this one contradicts (recorded in the log)")
 
-    review = subparsers.add_parser("review", parents=[who], help="review the queue of uncertain identities in a terminal app")
+    review = subparsers.add_parser("review", parents=[who], help="review the queue of uncertain identities (terminal app, or --web)")
     review.add_argument("--sheet", type=int, metavar="ID", help="write a contact-sheet PNG of identity ID instead")
     review.add_argument("--out", type=Path, default=None, help="contact sheet file (default: identity-ID.png)")
     review.add_argument("--columns", type=int, default=10, help="faces per row of the contact sheet")
-    review.add_argument("--thumbnails", default="halfblock",
-                        help="halfblock: works in any colour terminal (default); graphics: Sixel/Kitty when supported")
-    review.add_argument("--thumb-size", type=int, default=16, help="thumbnail width in terminal columns (even)")
+    review.add_argument("--web", action="store_true", help="review in the browser: serve the review page on 127.0.0.1")
+    review.add_argument("--port", type=int, default=5151, help="port of the review page (--web)")
+    review.add_argument("--open", action="store_true", help="open the review page in the default browser (--web)")
+    review.add_argument("--thumbnails", default="auto",
+                        help="auto: real images where the terminal has Sixel or Kitty graphics, else half blocks (default); "
+                             "halfblock; graphics")
+    review.add_argument("--thumb-size", type=int, default=32,
+                        help="largest thumbnail width in terminal columns (even; smaller when the screen is)")
     review.set_defaults(handler=cmd_review)
 
     label = subparsers.add_parser("label", help="scriptable review decisions on the current labelling")
@@ -151,5 +167,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     not_a_face.add_argument("--faces", type=face_ids, required=True, help="comma-separated face ids")
     history = action("history", cmd_history, "decisions, newest first", parents=(who,))
     history.add_argument("--limit", type=int, default=None)
-    undo = action("undo", cmd_undo, "revert a decision (default: the latest in effect)")
+    undo = action("undo", cmd_undo, "revert a decision (default: the latest in effect)", parents=(reasoned,))
     undo.add_argument("decision", type=int, nargs="?", default=None)

@@ -4,6 +4,10 @@
 `review_constraints` turns it into `pipeline.cluster.Constraints` (array indices) plus the
 face -> identity map that keeps identity ids stable; `pin_reviewed_faces` then guarantees that
 every face a person placed stays exactly where it was placed, whatever the clustering did.
+Cannot-links (faces a split set apart) keep the two groups in different clusters; a cannot-link
+between faces pinned to one identity (decisions that contradict each other, left by older
+versions that did not refuse them) is not enforced, the pins win, and `contradictions` lists it
+for the review queue.
 """
 from __future__ import annotations
 
@@ -25,6 +29,15 @@ class ReviewState:
     locked: set[int] = field(default_factory=set)  # identity ids
     excluded: set[int] = field(default_factory=set)  # face ids marked not-a-face
     retired: set[int] = field(default_factory=set)  # identity ids merged away: never reused
+    cannot_link: set[tuple[int, int]] = field(default_factory=set)  # (face id, face id): different people
+
+    def contradictions(self) -> list[tuple[int, int, int]]:
+        """(face, face, identity): cannot-linked faces that are both pinned to `identity`."""
+        return sorted(
+            (a, b, self.pinned[a])
+            for a, b in self.cannot_link
+            if a in self.pinned and self.pinned[a] == self.pinned.get(b) and not {a, b} & self.excluded
+        )
 
 
 def review_constraints(
@@ -55,8 +68,14 @@ def review_constraints(
     }
     for identity, faces in pinned_by_identity.items():
         seeds.update((i, identity) for i in faces)
+    contradicted = {(a, b) for a, b, _ in review.contradictions()}
     constraints = Constraints(
         must_link=must_link,
+        cannot_link=[
+            (index[a], index[b])
+            for a, b in sorted(review.cannot_link - contradicted)
+            if a in index and b in index and not {a, b} & review.excluded
+        ],
         fixed_members=fixed,
         rejected=[(index[face], identity) for face, identity in review.rejected if face in index],
         excluded=[index[face] for face in review.excluded if face in index],

@@ -7,7 +7,7 @@ counts what each rule removed.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -183,15 +183,20 @@ def quality_report(results: Iterable[QualityResult]) -> dict:
 
     `{"total", "passed", "failed", "rules": {rule: {"removed": n, "only": n}}}`.
     """
+    return report_from_reasons(result.reasons for result in results)
+
+
+def report_from_reasons(reasons_per_face: Iterable[Sequence[str]]) -> dict:
+    """`quality_report` from each face's failed rules (as stored, or sent back by a shard)."""
     total = failed = 0
     removed: Counter[str] = Counter()
     only: Counter[str] = Counter()
-    for result in results:
+    for reasons in reasons_per_face:
         total += 1
-        failed += bool(result.reasons)
-        removed.update(result.reasons)
-        if len(result.reasons) == 1:
-            only.update(result.reasons)
+        failed += bool(reasons)
+        removed.update(reasons)
+        if len(reasons) == 1:
+            only.update(reasons)
     return {
         "total": total,
         "passed": total - failed,

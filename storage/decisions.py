@@ -5,31 +5,36 @@ One decision = one transaction that
 - inserts the `Constraint` rows it implies, deactivating the earlier ones it contradicts,
 - edits the current clustering run's `Assignment` rows in place (source "decision") and `Identity` rows.
 
+A decision that contradicts an earlier one is refused (`DecisionConflict`, one line) unless
+forced: putting a face back into an identity it was rejected from, joining faces a split set
+apart, or changing the identity of a face another reviewer pinned. A forced decision lifts the
+constraints it overrides (undo restores them) and names the overridden decisions in its summary.
+
 What an action means (which faces go where) is decided by `labeling.actions`; this module only
 persists a `LabelEdit` and undoes one. `load_review_state` turns the active constraints into the
 `pipeline.identities.ReviewState` every clustering run obeys.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from pipeline.errors import FacemineError
 from pipeline.identities import ReviewState
-from storage.schema import Assignment, Constraint, Decision, Identity
+from storage.db import in_chunks
+from storage.schema import AUDIT_ACTIONS, Assignment, Constraint, Decision, Identity
 from storage.store import Store
 
-MEMBER, REJECT, NOT_A_FACE, MUST_LINK, CANNOT_LINK = "member", "reject", "not_a_face", "must_link", "cannot_link"
+# Merges bind through their pins (member); older stores may hold must_link rows, which no run reads.
+MEMBER, REJECT, NOT_A_FACE, CANNOT_LINK = "member", "reject", "not_a_face", "cannot_link"
 IDENTITY_FIELDS = ("name", "locked", "accepted", "status", "merged_into")
 # Identities that must never be reused by clustering: merged away, or created by an undone split.
 RETIRED_STATUSES = ("merged", "retired")
 UNDO = "undo"
-# Stay far below every database's limit on bound parameters per statement.
-_CHUNK = 5000
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,8 @@ class DecisionRecord:
     undid: int | None = None
 
 
-def _chunks(values: list[int]) -> Iterator[list[int]]:
-    for start in range(0, len(values), _CHUNK):
-        yield values[start : start + _CHUNK]
+class DecisionConflict(FacemineError):
+    """A decision contradicts an earlier one still in effect; forcing it overrides that one."""
 
 
 def _record(row: Decision) -> DecisionRecord:
@@ -103,16 +107,8 @@ def identity_faces(store: Store, run_id: int, identity_id: int) -> list[int]:
 
 def face_identities(store: Store, run_id: int, face_ids: Iterable[int]) -> dict[int, int | None]:
     """Identity of each face in run `run_id` (None: unassigned); faces not in the run are absent."""
-    found: dict[int, int | None] = {}
     with store.session() as session:
-        for chunk in _chunks(sorted(set(face_ids))):
-            rows = session.execute(
-                select(Assignment.face_id, Assignment.identity_id).where(
-                    Assignment.run_id == run_id, Assignment.face_id.in_(chunk)
-                )
-            ).all()
-            found.update({face: identity for face, identity in rows})
-    return found
+        return _current_identities(session, run_id, sorted(set(face_ids)))
 
 
 # ---- writing one decision ------------------------------------------------------------------
@@ -136,7 +132,7 @@ def _superseded(session: Session, constraints: list[NewConstraint]) -> list[int]
         if new.kind in (MEMBER, REJECT, NOT_A_FACE):
             by_face.setdefault(new.face_a, []).append(new)
     ids: list[int] = []
-    for chunk in _chunks(sorted(by_face)):
+    for chunk in in_chunks(sorted(by_face)):
         rows = session.execute(
             select(Constraint.id, Constraint.kind, Constraint.face_a, Constraint.identity_id).where(
                 Constraint.active.is_(True),
@@ -154,7 +150,7 @@ def _superseded(session: Session, constraints: list[NewConstraint]) -> list[int]
 
 def _assignment_before(session: Session, run_id: int, faces: list[int]) -> list[list]:
     before = []
-    for chunk in _chunks(faces):
+    for chunk in in_chunks(faces):
         rows = session.execute(
             select(Assignment.face_id, Assignment.identity_id, Assignment.confidence, Assignment.source).where(
                 Assignment.run_id == run_id, Assignment.face_id.in_(chunk)
@@ -203,8 +199,92 @@ def _insert_constraints(session: Session, decision_id: int, constraints: list[Ne
 
 
 def _set_active(session: Session, constraint_ids: list[int], active: bool) -> None:
-    for chunk in _chunks(constraint_ids):
+    for chunk in in_chunks(constraint_ids):
         session.execute(update(Constraint).where(Constraint.id.in_(chunk)).values(active=active))
+
+
+def _merge_targets(session: Session) -> dict[int, int]:
+    """Identity merged away -> the identity it was merged into."""
+    rows = session.execute(
+        select(Identity.id, Identity.merged_into).where(Identity.status == "merged", Identity.merged_into.is_not(None))
+    ).all()
+    return dict(rows)
+
+
+def _survivor(merged_into: dict[int, int], identity: int | None) -> int | None:
+    """The identity `identity` lives on in after every merge (itself when never merged)."""
+    seen = set()
+    while identity in merged_into and identity not in seen:
+        seen.add(identity)
+        identity = merged_into[identity]
+    return identity
+
+
+@dataclass(frozen=True)
+class _Conflict:
+    constraint_id: int
+    decision_id: int
+    text: str
+
+
+def _conflicts(session: Session, run_id: int, who: str, edit: LabelEdit) -> list[_Conflict]:
+    """Active constraints of earlier decisions that `edit` contradicts (see the module docstring)."""
+    if not edit.assign:
+        return []
+    merged_into = _merge_targets(session) | {
+        gone: int(fields["merged_into"]) for gone, fields in edit.identity_fields.items() if fields.get("status") == "merged"
+    }
+    rows = []
+    for chunk in in_chunks(sorted(edit.assign)):
+        rows += session.execute(
+            select(Constraint.id, Constraint.kind, Constraint.face_a, Constraint.face_b, Constraint.identity_id,
+                   Decision.id.label("decision"), Decision.who)
+            .join(Decision, Decision.id == Constraint.decision_id)
+            .where(
+                Constraint.active.is_(True),
+                Constraint.kind.in_((MEMBER, REJECT, CANNOT_LINK)),
+                or_(Constraint.face_a.in_(chunk), Constraint.face_b.in_(chunk)),
+            )
+            .order_by(Constraint.id)
+        ).all()
+    partners = {row.face_b if row.face_a in edit.assign else row.face_a for row in rows if row.kind == CANNOT_LINK}
+    now = _current_identities(session, run_id, sorted(partners - set(edit.assign)))
+
+    def after(face: int) -> int | None:
+        return _survivor(merged_into, edit.assign[face] if face in edit.assign else now.get(face))
+
+    found = []
+    for row in rows:
+        by = f"by {row.who} (decision {row.decision})"
+        if row.kind == CANNOT_LINK:
+            together = after(row.face_a) is not None and after(row.face_a) == after(row.face_b)
+            text = f"faces {row.face_a} and {row.face_b} were set apart as different people {by}" if together else None
+        elif row.face_a not in edit.assign:
+            text = None
+        elif row.kind == REJECT:
+            back = edit.assign[row.face_a] is not None and after(row.face_a) == _survivor(merged_into, row.identity_id)
+            text = f"face {row.face_a} was rejected from identity {row.identity_id} {by}" if back else None
+        else:
+            moved = row.who != who and after(row.face_a) != _survivor(merged_into, row.identity_id)
+            text = f"face {row.face_a} is pinned to identity {row.identity_id} {by}" if moved else None
+        if text:
+            found.append(_Conflict(row.id, row.decision, text))
+    return found
+
+
+def _current_identities(session: Session, run_id: int, faces: list[int]) -> dict[int, int | None]:
+    """Identity of each face in run `run_id` (None: unassigned); faces not in the run are absent."""
+    found: dict[int, int | None] = {}
+    for chunk in in_chunks(faces):
+        found.update(session.execute(
+            select(Assignment.face_id, Assignment.identity_id).where(Assignment.run_id == run_id, Assignment.face_id.in_(chunk))
+        ).all())
+    return found
+
+
+def _refusal(conflicts: list[_Conflict]) -> DecisionConflict:
+    more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+    return DecisionConflict(f"refused: {conflicts[0].text}{more}; --force overrides")
 
 
 def apply_decision(
@@ -216,15 +296,28 @@ def apply_decision(
     summary: str,
     edit: LabelEdit,
     details: dict | None = None,
+    force: bool = False,
 ) -> DecisionRecord:
-    """Persist one decision: log row, constraints, assignment and identity edits, all or nothing."""
+    """Persist one decision: log row, constraints, assignment and identity edits, all or nothing.
+
+    Refused with `DecisionConflict` when it contradicts an earlier decision, unless `force`: then
+    the contradicted constraints are lifted and the decision records which decisions it overrode.
+    """
     with store.session() as session:
+        conflicts = _conflicts(session, run_id, who, edit)
+        if conflicts and not force:
+            raise _refusal(conflicts)
+        details = dict(details or {})
+        if conflicts:
+            overridden = sorted({conflict.decision_id for conflict in conflicts})
+            details["overrides"] = overridden
+            summary += f" (overriding decision {', '.join(map(str, overridden))})"
         created = [Identity() for _ in range(edit.create_identities)]
         session.add_all(created)
         session.flush()
         created_ids = [row.id for row in created]
         edit = _with_created(edit, created_ids)
-        deactivated = _superseded(session, edit.constraints)
+        deactivated = sorted(set(_superseded(session, edit.constraints)) | {c.constraint_id for c in conflicts})
         before = {
             "assignments": _assignment_before(session, run_id, sorted(edit.assign)),
             "identities": _identity_before(session, edit.identity_fields),
@@ -239,7 +332,7 @@ def apply_decision(
             payload={
                 "run_id": run_id,
                 "summary": summary,
-                "details": details or {},
+                "details": details,
                 "faces": sorted(edit.assign),
                 "identities": sorted(touched - {None}),
                 "before": before,
@@ -274,7 +367,7 @@ def _undo_target(session: Session, decision_id: int | None) -> Decision:
     if decision_id is None:
         target = session.scalar(
             select(Decision)
-            .where(Decision.undone_by.is_(None), Decision.action != UNDO)
+            .where(Decision.undone_by.is_(None), Decision.action.not_in((UNDO, *AUDIT_ACTIONS)))
             .order_by(Decision.id.desc())
             .limit(1)
         )
@@ -286,6 +379,8 @@ def _undo_target(session: Session, decision_id: int | None) -> Decision:
         raise FacemineError(f"decision {decision_id} does not exist")
     if target.action == UNDO:
         raise FacemineError(f"decision {decision_id} is itself an undo; redo the action instead")
+    if target.action in AUDIT_ACTIONS:
+        raise FacemineError(f"decision {decision_id} is a {target.action} record, not a review decision: nothing to undo")
     if target.undone_by is not None:
         raise FacemineError(f"decision {decision_id} was already undone by decision {target.undone_by}")
     return target
@@ -297,7 +392,7 @@ def _check_nothing_builds_on(session: Session, target: Decision) -> None:
     faces, identities = set(target.payload["faces"]), set(target.payload["identities"])
     later = session.scalars(
         select(Decision)
-        .where(Decision.id > target.id, Decision.undone_by.is_(None), Decision.action != UNDO)
+        .where(Decision.id > target.id, Decision.undone_by.is_(None), Decision.action.not_in((UNDO, *AUDIT_ACTIONS)))
         .order_by(Decision.id)
     )
     for row in later:
@@ -367,32 +462,24 @@ def load_review_state(store: Store) -> ReviewState:
     Constraints naming an identity that was merged away apply to the identity it was merged into.
     """
     with store.session() as session:
-        identities = session.execute(
-            select(Identity.id, Identity.status, Identity.merged_into, Identity.locked)
-        ).all()
+        identities = session.execute(select(Identity.id, Identity.status, Identity.locked)).all()
+        merged_into = _merge_targets(session)
         constraints = session.execute(
-            select(Constraint.kind, Constraint.face_a, Constraint.identity_id)
-            .where(Constraint.active.is_(True), Constraint.kind.in_((MEMBER, REJECT, NOT_A_FACE)))
+            select(Constraint.kind, Constraint.face_a, Constraint.face_b, Constraint.identity_id)
+            .where(Constraint.active.is_(True), Constraint.kind.in_((MEMBER, REJECT, NOT_A_FACE, CANNOT_LINK)))
             .order_by(Constraint.id)
         ).all()
-    merged_into = {row.id: row.merged_into for row in identities if row.status == "merged" and row.merged_into}
-
-    def survivor(identity: int) -> int:
-        seen = set()
-        while identity in merged_into and identity not in seen:
-            seen.add(identity)
-            identity = merged_into[identity]
-        return identity
-
     state = ReviewState(
         locked={row.id for row in identities if row.locked and row.status == "active"},
         retired={row.id for row in identities if row.status in RETIRED_STATUSES},
     )
-    for kind, face, identity in constraints:  # in id order: the latest membership of a face wins
+    for kind, face, other_face, identity in constraints:  # in id order: the latest membership of a face wins
         if kind == MEMBER:
-            state.pinned[face] = survivor(identity)
+            state.pinned[face] = _survivor(merged_into, identity)
         elif kind == REJECT:
-            state.rejected.add((face, survivor(identity)))
+            state.rejected.add((face, _survivor(merged_into, identity)))
+        elif kind == CANNOT_LINK:
+            state.cannot_link.add((face, other_face))
         else:
             state.excluded.add(face)
     return state

@@ -53,6 +53,14 @@ def mined_store_copy(factory: pytest.TempPathFactory, name: str) -> Settings:
     return Settings(data_dir=target)
 
 
+def cli_store(factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, name: str) -> Store:
+    """A copy of the mined store that `facemine` commands run in this process act on, as user `cli-user`."""
+    settings = mined_store_copy(factory, name)
+    monkeypatch.setenv("FACEMINE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("USER", "cli-user")
+    return Store(settings)
+
+
 def person_of_face(store: Store) -> pd.Series:
     """LFW person of each face whose photo it is centred in (the labelled face); others are dropped."""
     faces = face_table(store)

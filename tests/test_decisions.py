@@ -10,7 +10,7 @@ from labeling.actions import Labeler
 from pipeline.errors import FacemineError
 from storage import decisions
 from storage.identities import assignments, identity_rows
-from storage.schema import Constraint, Decision
+from storage.schema import AUDIT_ACTIONS, Constraint, Decision
 from storage.store import Store
 
 
@@ -90,9 +90,12 @@ def test_move_pins_to_target_and_rejects_from_source(store, scenario, labeler):
     assert (scenario.intruder, scenario.intruded) in state.rejected
 
 
-def test_moving_a_face_back_lifts_its_rejection(store, scenario, labeler):
-    labeler.reject(scenario.intruded, [scenario.intruder])
-    labeler.move([scenario.intruder], scenario.intruded)
+def test_moving_a_face_back_is_refused_unless_forced_and_then_lifts_its_rejection(store, scenario, labeler):
+    rejection = labeler.reject(scenario.intruded, [scenario.intruder])
+    with pytest.raises(decisions.DecisionConflict, match="was rejected from identity"):
+        labeler.move([scenario.intruder], scenario.intruded)
+    moved = labeler.move([scenario.intruder], scenario.intruded, force=True)
+    assert moved.summary.endswith(f"(overriding decision {rejection.id})")
     state = decisions.load_review_state(store)
     assert state.pinned[scenario.intruder] == scenario.intruded
     assert (scenario.intruder, scenario.intruded) not in state.rejected
@@ -141,7 +144,9 @@ def test_split_makes_a_new_identity_and_pins_both_parts(store, scenario, labeler
     assert sorted(members(store, scenario.mixed)) == first
     state = decisions.load_review_state(store)
     assert all(state.pinned[f] == new for f in second) and all(state.pinned[f] == scenario.mixed for f in first)
-    assert ("cannot_link", second[0], first[0], None) in active_constraints(store)
+    apart = {(a, b) for kind, a, b, _ in active_constraints(store) if kind == "cannot_link"}
+    assert apart == {(face, first[0]) for face in second} | {(face, second[0]) for face in first[1:]}
+    assert state.cannot_link == apart
 
 
 def test_name_pins_faces_and_refuses_a_name_in_use(store, scenario, labeler):
@@ -212,6 +217,19 @@ def test_undo_refuses_to_skip_a_later_decision_on_the_same_faces(store, scenario
     labeler.undo(first.id)
     with pytest.raises(FacemineError, match="nothing to undo"):
         labeler.undo()
+
+
+def test_undo_passes_over_audit_records_and_refuses_them(store, scenario, labeler):
+    accepted = labeler.accept(scenario.pure)
+    with store.session() as session:  # what mining a changed photo, `forget` or `doctor --fix` log
+        audits = [Decision(who="facemine", action=action, payload={"summary": action}) for action in AUDIT_ACTIONS]
+        session.add_all(audits)
+        session.flush()
+        audit_ids = [row.id for row in audits]
+    assert labeler.undo().undid == accepted.id
+    for audit_id, action in zip(audit_ids, AUDIT_ACTIONS):
+        with pytest.raises(FacemineError, match=f"decision {audit_id} is a {action} record"):
+            labeler.undo(audit_id)
 
 
 def test_undo_errors(store, scenario, labeler):

@@ -5,7 +5,7 @@ import re
 
 import cv2
 import pytest
-from review_helpers import Scenario, mined_store_copy, scenario_run
+from review_helpers import Scenario, cli_store, scenario_run
 
 from facemine_cli import main
 from storage import decisions
@@ -15,10 +15,7 @@ from storage.store import Store
 
 @pytest.fixture
 def store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Store:
-    settings = mined_store_copy(tmp_path_factory, "label-cli")
-    monkeypatch.setenv("FACEMINE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("USER", "cli-user")
-    return Store(settings)
+    return cli_store(tmp_path_factory, monkeypatch, "label-cli")
 
 
 @pytest.fixture

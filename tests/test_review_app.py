@@ -10,8 +10,9 @@ from textual.pilot import Pilot
 from textual.widgets import Static
 
 from labeling.actions import Labeler
-from labeling.app import FaceCell, ReviewApp
+from labeling.app import FaceCell, HelpScreen, KeyBar, ReviewApp
 from labeling.queue import MERGE, QueueConfig, QueueItem
+from labeling.session import KEYS
 from labeling.thumbnails import Thumbnails
 from storage import decisions
 from storage.identities import face_table, identity_rows
@@ -32,19 +33,20 @@ def scenario(store: Store) -> Scenario:
     return scenario_run(store)
 
 
-def make_app(store: Store, config: QueueConfig = EVERY_IDENTITY) -> ReviewApp:
-    return ReviewApp(store, Labeler(store, who="pilot"), Thumbnails(store.chips), config)
+def make_app(store: Store, config: QueueConfig = EVERY_IDENTITY, thumbnails: str = "halfblock") -> ReviewApp:
+    return ReviewApp(store, Labeler(store, who="pilot"), Thumbnails(store.chips, thumbnails), config)
 
 
-def drive(app: ReviewApp, script: Callable[[Pilot], object]) -> None:
+def drive(app: ReviewApp, script: Callable[[Pilot], object], size: tuple[int, int] = SCREEN) -> None:
     """Run `script(pilot)` against the app once its first item is on screen."""
 
     async def main() -> None:
-        async with app.run_test(size=SCREEN) as pilot:
-            for _ in range(50):
-                if app.view is not None or app.index >= len(app.queue.items):
+        async with app.run_test(size=size) as pilot:
+            for _ in range(100):
+                if app.view is None or app.query_one("#grid").query(FaceCell):
                     break
                 await pilot.pause(0.05)
+            await pilot.pause()
             await script(pilot)
 
     asyncio.run(main())
@@ -84,7 +86,7 @@ def test_split_off_the_preselected_mode(store, scenario):
 
     async def script(pilot: Pilot) -> None:
         await go_to(pilot, lambda item: item.identity_id == scenario.mixed)
-        assert app.item.kind == "mixed" and "two modes" in app.item.reason
+        assert app.item.kind == "mixed" and app.item.reason.startswith("two groups")
         await pilot.press("s")
 
     drive(app, script)
@@ -294,3 +296,102 @@ def test_an_identity_of_a_thousand_faces_is_paged(store):
     drive(app, script)
     assert len(everyone) > len(copies) >= 1200
     assert set(decisions.load_review_state(store).pinned) == set(everyone)
+
+
+def test_faces_are_32_pixels_at_200_columns(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await pilot.pause()
+        assert app.size_columns == 32 and app.grid_shape()[0] == 6  # 6 faces of 32x32 half-block pixels a row
+        thumbnails = [cell.thumbnail for cell in app.query_one("#grid").query(FaceCell)]
+        assert len(thumbnails) == 6 and {(t.size.width, t.size.height) for t in thumbnails} == {(32, 16)}
+        # Two pixels a cell, both drawn: each of the 16 rows is 32 half blocks in true colour.
+        for y in range(16):
+            segments = [segment for segment in thumbnails[0].render_line(y) if segment.text.strip()]
+            assert "".join(segment.text for segment in segments) == "▄" * 32
+            assert all(segment.style.color.triplet and segment.style.bgcolor.triplet for segment in segments)
+
+    drive(app, script, size=(200, 50))
+
+
+def within(region, screen) -> bool:  # noqa: ANN001 - textual.geometry.Region
+    return region.x >= 0 and region.y >= 0 and region.right <= screen.width and region.bottom <= screen.height
+
+
+def test_usable_at_80_by_24(store, scenario):
+    """Fewer, smaller faces a row; every key in the footer; nothing cut off."""
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await pilot.pause()
+        screen = app.screen.region
+        columns, rows = app.grid_shape()
+        assert (app.size_columns, columns, rows) == (14, 5, 1)
+        assert len(app.query_one("#grid").query(FaceCell)) == columns
+        other = app.view.suggestions[app.view.highlighted][0]
+        assert len(app.query_one("#compare").query(FaceCell)) == min(columns, len(members(store, other)))
+        cells = list(app.query(FaceCell))
+        assert all(within(cell.region, screen) and cell.thumbnail.size.width == 14 for cell in cells)
+        bar = app.query_one(KeyBar)
+        assert within(bar.region, screen) and bar.region.height == 3
+        footer = str(bar.render())
+        assert all(f"{key.shown} {key.label}" in footer for key in KEYS if key.label)
+        for widget_id in ("#progress", "#reason", "#suggestions", "#status"):
+            assert within(app.query_one(widget_id).region, screen)
+        await pilot.press("a")
+        assert "accepted" in screen_text(app, "#status")
+
+    drive(app, script, size=(80, 24))
+
+
+def test_help_screen_lists_every_key_and_decides_nothing(store, scenario):
+    app = make_app(store)
+
+    async def script(pilot: Pilot) -> None:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = str(app.screen.query_one("#help", Static).content)
+        assert all(key.help in text for key in KEYS)
+        await pilot.press("a", "x", "tab")  # not decisions while the help is open
+        assert isinstance(app.screen, HelpScreen) and app.index == 0
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+    drive(app, script, size=(80, 24))
+    assert decisions.history(store) == []
+
+
+def test_thumbnail_modes(store):
+    from pipeline.errors import FacemineError
+
+    from labeling.thumbnails import terminal_has_graphics
+
+    assert Thumbnails(store.chips).mode == ("graphics" if terminal_has_graphics() else "halfblock")
+    with pytest.raises(FacemineError, match="unknown thumbnail mode 'sixel'"):
+        Thumbnails(store.chips, "sixel")
+    with pytest.raises(FacemineError, match="even number of at least 8"):
+        Thumbnails(store.chips, size=31)
+
+
+def test_contact_sheet_is_readable_by_everyone(store, scenario, tmp_path):
+    import stat
+
+    from labeling.sheet import write_identity_sheet
+
+    out = write_identity_sheet(store, Labeler(store).identity(scenario.pure), scenario.run_id, tmp_path / "sheet.png")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+
+
+def test_graphics_thumbnails_fill_the_same_cells(store, scenario):
+    """textual-image widgets (Sixel/Kitty in a terminal that has them) take the half blocks' place."""
+    from textual_image.widget import Image
+
+    app = make_app(store, thumbnails="graphics")
+
+    async def script(pilot: Pilot) -> None:
+        thumbnails = [cell.thumbnail for cell in app.query_one("#grid").query(FaceCell)]
+        assert len(thumbnails) == 6 and all(isinstance(t, Image) for t in thumbnails)
+        assert {(t.size.width, t.size.height) for t in thumbnails} == {(32, 16)}
+
+    drive(app, script, size=(200, 50))

@@ -9,7 +9,7 @@ from labeling.actions import Labeler
 from labeling.queue import LOW_CONFIDENCE, MERGE, MIXED, UNNAMED_LARGE, QueueConfig, build_queue
 from pipeline.errors import FacemineError
 from storage.identities import face_table
-from storage.schema import Image, Subset
+from storage.schema import PhotoPath, Subset
 from storage.store import Store
 
 
@@ -31,7 +31,7 @@ def test_two_people_in_one_identity_are_flagged_with_one_of_them_preselected(sto
     queue = build_queue(store)
     (item,) = items_of(queue, scenario.mixed)
     people = list(scenario.people.values())
-    assert item.kind == MIXED and "two modes: 8 of 16 faces" in item.reason
+    assert item.kind == MIXED and "two groups: 8 of 16 sampled faces unlike the others" in item.reason
     assert set(item.faces) in (set(people[0]), set(people[1]))
     assert queue.items[0] == item  # the biggest mistake comes first
 
@@ -52,6 +52,28 @@ def test_one_person_cut_in_two_is_a_merge_candidate_and_others_are_not(store, sc
     assert "may be the same person" in merges[0].reason and merges[0].similarity > 0.55
     faces = list(Labeler(store).identity(scenario.halves[0]).faces)
     assert queue.suggestions(scenario.halves[0], faces)[0][0] == scenario.halves[1]
+
+
+def test_a_split_pair_is_never_suggested(store, scenario):
+    faces = Labeler(store).identity(scenario.pure).faces
+    new = Labeler(store, "queue-test").split(scenario.pure, faces[:4]).created_identities[0]
+    queue = build_queue(store)
+    pairs = [{item.identity_id, item.other_id} for item in queue.items if item.kind == MERGE]
+    assert {scenario.pure, new} not in pairs and set(scenario.halves) in pairs
+    assert scenario.pure not in [identity for identity, _ in queue.suggestions(new, list(faces[:4]))]
+    assert new not in [identity for identity, _ in queue.suggestions(scenario.pure, list(faces[4:]))]
+
+
+def test_the_queue_adapts_after_each_decision(store, scenario):
+    queue = build_queue(store)
+    seen = queue.items[0]
+    assert seen.identity_id == scenario.mixed
+    Labeler(store, "queue-test").merge(*scenario.halves)
+    queue.refresh(passed=[seen])
+    assert not [item for item in queue.items if item.kind == MERGE]  # the merge settled the only proposal
+    assert scenario.mixed not in {item.identity_id for item in queue.items}  # seen, not shown again
+    assert not {scenario.halves[1]} & {item.identity_id for item in queue.items}  # merged away
+    assert queue.run_id == scenario.run_id and scenario.halves[1] not in queue.identity_ids
 
 
 def test_low_confidence_faces_and_large_unnamed_identities(store, scenario):
@@ -95,7 +117,7 @@ def test_identities_split_across_subsets_say_so(store, scenario):
         other = Subset(name="lfw-b")
         session.add(other)
         session.flush()
-        session.execute(update(Image).where(Image.id.in_(images)).values(subset_id=other.id))
+        session.execute(update(PhotoPath).where(PhotoPath.image_id.in_(images)).values(subset_id=other.id))
     (merge,) = [item for item in build_queue(store).items if item.kind == MERGE]
     assert "clustered apart in subsets lfw / lfw-b" in merge.reason
 

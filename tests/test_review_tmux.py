@@ -35,8 +35,9 @@ class Terminal:
     def alive(self) -> bool:
         return self.tmux("has-session", "-t", self.session, check=False).returncode == 0
 
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", self.session).stdout
+    def screen(self, colours: bool = False) -> str:
+        """The pane's text; with `colours`, with its colour escape sequences."""
+        return self.tmux("capture-pane", "-p", *(["-e"] if colours else []), "-t", self.session).stdout
 
     def keys(self, *keys: str) -> None:
         self.tmux("send-keys", "-t", self.session, *keys)
@@ -70,13 +71,14 @@ def terminal(store: Store, scenario: Scenario, tmp_path: Path) -> Iterator[Termi
     term = Terminal(f"facemine-test-{os.getpid()}", "review")
     env = {
         "FACEMINE_DATA_DIR": str(store.data_dir),
-        "FACEMINE_CONFIG": str(tmp_path / "no-config.toml"),
+        "FACEMINE_CONFIG": os.devnull,  # no config file: an empty one (a missing one is an error)
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "TERM": "xterm-256color",
+        "COLORTERM": "truecolor",
     }
     command = " ".join([*(f"{k}={v}" for k, v in env.items()), str(FACEMINE), "review", "--who", "tmux-reviewer"])
     # COLUMNS/LINES (set under pytest) would override the terminal's real size.
-    term.tmux("new-session", "-d", "-s", term.session, "-x", "160", "-y", "50", f"env -u COLUMNS -u LINES {command}")
+    term.tmux("new-session", "-d", "-s", term.session, "-x", "200", "-y", "50", f"env -u COLUMNS -u LINES {command}")
     try:
         yield term
     finally:
@@ -86,8 +88,15 @@ def terminal(store: Store, scenario: Scenario, tmp_path: Path) -> Iterator[Termi
 def test_review_in_a_real_terminal(store, scenario, terminal):
     first = terminal.wait_for(lambda text: "item 1/" in text and "[x]" in text, "the first queue item")
     identity = int(re.search(r"identity (\d+): (\d+) faces", first).group(1))
-    assert identity == scenario.mixed and "two modes" in first  # the most pressing item comes first
-    assert "a accept" in first and "q quit" in first  # key help in the footer
+    assert identity == scenario.mixed and "two groups" in first  # the most pressing item comes first
+    assert "a accept" in first and "q quit" in first and "? help" in first  # key help in the footer
+    # Six faces a row, each 32 half blocks wide (32x32 pixels), in true colour.
+    assert max(line.count("▄") for line in first.splitlines()) == 6 * 32
+    assert re.search(r"\x1b\[[0-9;]*48;2;\d+;\d+;\d+", terminal.screen(colours=True))
+    terminal.keys("?")
+    terminal.wait_for(lambda text: "Keys (escape, ? or q closes this)" in text, "the help screen")
+    terminal.keys("Escape")
+    terminal.wait_for(lambda text: "Keys (escape" not in text, "the help screen closed")
 
     terminal.keys("s")  # split off the pre-selected half
     terminal.wait_for(lambda text: re.search(r"decision \d+: split 8 faces off", text), "the split")

@@ -1,20 +1,24 @@
-"""Closed-loop benchmark: does retraining on mined identities improve the embedder?
+"""Closed-loop benchmark: does retraining on mined identities improve the embedder on people it never saw?
 
-Starting from SFace, on CelebA photos (the training source) in a fresh store:
+Starting from SFace, on CelebA photos (the training source) in a fresh store. The split is by
+identity: the loop mines and trains on one part of the CelebA people (unlabelled as far as the
+loop knows) and is judged on people it never saw:
+- clustering of CelebA photos of the held-out identities: BCubed F / P / R, each model at its own
+  calibrated floor (pipeline.calibration, found on the mined faces without labels);
+- LFW verification pairs (../shared/data/lfw/pairs.csv, other people): accuracy (10-fold), ROC
+  AUC, TAR at FAR 1e-3.
 
-    mine ─▶ closed_loop: cluster ─▶ export ─▶ fine-tune ─▶ gate ─▶ re-embed + re-cluster (x N)
+    mine ─▶ cluster ─▶ export ─▶ per recipe: fine-tune ─▶ gate vs SFace (nothing promoted)
+         ─▶ closed_loop with the best recipe: export ─▶ fine-tune ─▶ gate ─▶ re-embed + re-cluster (x N)
 
-Held-out evaluation, never mined or trained on:
-- LFW verification pairs (../shared/data/lfw/pairs.csv): accuracy (10-fold), TAR at FAR 1e-2/1e-3;
-- clustering of CelebA photos of identities kept out of the training source (BCubed F, ...).
-Also scored: the loop's own labelling of the mined CelebA photos against their labels.
+The first part compares the recipes (--recipes) on the same export and held-out data, each
+candidate gated against SFace; the second runs --iterations rounds of the loop with the recipe
+that scored best on the gate metric. On CPU only the last layers train (--freeze); on a GPU use
+--freeze 0 for the full fine-tune. --workers defaults to 0: on two CPU cores, loader processes
+only compete with training for them.
 
-Iteration 0 is the store's current model (SFace in a fresh store). The gate promotes a candidate
-only when it beats the current model on --gate-metric (default verification_accuracy). On CPU
-only the last layers train (--freeze); on a GPU use --freeze 0 for the full fine-tune. --workers
-defaults to 0: on two CPU cores, loader processes only compete with training for them.
-
-    .venv/bin/python benchmarks/closed_loop.py [--limit 500] [--iterations 2] [--epochs 2] [--freeze 0.8]
+    .venv/bin/python benchmarks/closed_loop.py [--limit 500] [--recipes distill distill_pairs margin]
+        [--iterations 2] [--epochs 1] [--freeze 0.8] [--pairs-limit 1000]
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ from benchmarks.measure import measured  # noqa: E402
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 CELEBA, LFW = SHARED / "celeba", SHARED / "lfw"
-REPORTED = ("verification_accuracy", "verification_tar@far=0.01", "verification_tar@far=0.001",
-            "clustering_bcubed_f", "clustering_nmi")
+REPORTED = ("clustering_floor", "clustering_bcubed_f", "clustering_bcubed_precision", "clustering_bcubed_recall",
+            "verification_accuracy", "verification_auc", "verification_tar@far=0.001")
 
 
 def split_celeba(holdout_fraction: float, limit: int | None, holdout_limit: int | None, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -45,12 +49,12 @@ def split_celeba(holdout_fraction: float, limit: int | None, holdout_limit: int 
     labels["path"] = [str(CELEBA / path) for path in labels.path]
     people = np.random.default_rng(seed).permutation(sorted(labels.identity.unique()))
     held_people = set(people[: round(holdout_fraction * len(people))])
-    source = _whole_identities(labels[~labels.identity.isin(held_people)], people, limit)
-    held = _whole_identities(labels[labels.identity.isin(held_people)], people, holdout_limit)
+    source = whole_identities(labels[~labels.identity.isin(held_people)], people, limit)
+    held = whole_identities(labels[labels.identity.isin(held_people)], people, holdout_limit)
     return source, held
 
 
-def _whole_identities(photos: pd.DataFrame, order: np.ndarray, limit: int | None) -> pd.DataFrame:
+def whole_identities(photos: pd.DataFrame, order: np.ndarray, limit: int | None) -> pd.DataFrame:
     """All photos of identities taken in `order` until `limit` photos are reached."""
     rank = {person: index for index, person in enumerate(order)}
     photos = photos.assign(rank=photos.identity.map(rank)).sort_values(["rank", "path"])
@@ -81,6 +85,10 @@ def write_inputs(folder: Path, source: pd.DataFrame, held: pd.DataFrame, pairs_l
     return files
 
 
+def figures(metrics: dict) -> dict:
+    return {name: metrics.get(name) for name in REPORTED}
+
+
 def run(args: argparse.Namespace) -> dict:
     source, held = split_celeba(args.holdout_fraction, args.limit, args.holdout_limit, args.seed)
     root = Path(args.data_dir or tempfile.mkdtemp(prefix="facemine-loop-"))
@@ -91,67 +99,75 @@ def run(args: argparse.Namespace) -> dict:
     os.environ["FACEMINE_EMBED__DEVICE"] = args.device
     os.environ["FACEMINE_GATE__METRIC"] = args.gate_metric
     os.environ["FACEMINE_GATE__PATIENCE"] = str(args.patience)
-    from flows.evaluate import evaluate_run
-    from flows.loop import closed_loop
+    from flows.loop import closed_loop, embed_and_cluster
     from flows.mine import mine
+    from flows.runtime import settings_payload
+    from flows.train import retrain
     from pipeline.config import TrainConfig
     from storage import registry
-    from storage.exports import export_info
+    from storage.exports import export_dataset
     from storage.settings import Settings
     from storage.store import Store
 
     with measured() as mining:
         mined = mine(folders=source.path.tolist(), subset="celeba")  # files are roots of their own
-    config = TrainConfig(epochs=args.epochs, freeze_fraction=args.freeze, batch_size=args.batch_size,
-                         base_lr=args.lr, num_workers=args.workers)
-    with measured() as looping:
-        result = closed_loop(iterations=args.iterations, loop_name=args.loop_name, config=config, min_churn=args.min_churn)
-
-    store = Store(Settings())
-    iterations = registry.loop_iterations(store, args.loop_name)[-len(result["iterations"]):]
-    first_run = export_info(store, iterations[0]["export_id"])["run_id"]
-    mined_quality = lambda run_id: evaluate_run(store, files["mined_truth"], run_id)  # noqa: E731
-    baseline = store.model(registry.training_run(store, iterations[0]["training_run_id"])["parent_model_id"]).name
-    rows = [{
-        "iteration": 0, "model": baseline,
-        **{name: iterations[0]["metrics"]["current"].get(name) for name in REPORTED},
-        "mined_bcubed_f": mined_quality(first_run)["bcubed_f"],
-        "identities": iterations[0]["metrics"]["identities_before"], "churn": None, "promoted": None,
-        "gate": f"baseline ({baseline})", "seconds": None,
-    }]
-    for stored in iterations:
-        metrics = stored["metrics"]
-        rows.append({
-            "iteration": stored["iteration"],
-            "model": f"candidate {metrics['candidate_model_id']}",
-            **{name: metrics["candidate"].get(name) for name in REPORTED},
-            "mined_bcubed_f": mined_quality(stored["run_id"])["bcubed_f"] if stored["promoted"] else None,
-            "identities": metrics["identities"], "churn": metrics["churn"], "promoted": stored["promoted"],
-            "gate": metrics["gate_reason"], "seconds": metrics["seconds"],
-            "train_loss": metrics["training"].get("loss"), "export_faces": metrics["export"]["train_faces"],
-        })
+    settings = Settings()
+    store = Store(settings)
+    config = lambda recipe: TrainConfig(  # noqa: E731
+        recipe=recipe, epochs=args.epochs, freeze_fraction=args.freeze, batch_size=args.batch_size, base_lr=args.lr,
+        num_workers=args.workers)
+    sface = store.current_model()
+    rows, candidates = [], []
+    if args.recipes:
+        export = export_dataset(store, "recipes", settings.export, run_id=embed_and_cluster(settings_payload(settings)))
+        for recipe in args.recipes:
+            with measured() as training:
+                result = retrain(config=config(recipe), export_id=export["export_id"], promote=False)
+            if not rows:
+                rows.append({"stage": "baseline", "recipe": "-", "model": sface.name,
+                             **figures(result["current_metrics"]), "gate": "-", "minutes": None})
+            rows.append({"stage": "recipes", "recipe": recipe, "model": f"candidate {result['model_id']}",
+                         **figures(result["candidate_metrics"]),
+                         "gate": "would promote" if result["gate_passed"] else "keeps SFace",
+                         "minutes": round(training.seconds / 60, 1), "reason": result["reason"]})
+            candidates.append((result["candidate_metrics"].get(result["gate_metric"], float("-inf")), recipe))
+    loop_recipe = max(candidates)[1] if candidates else args.loop_recipe
+    stop_reason = ""
+    if args.iterations:
+        result = closed_loop(iterations=args.iterations, loop_name=args.loop_name, config=config(loop_recipe),
+                             min_churn=args.min_churn)
+        stop_reason = result["stop_reason"]
+        for stored in registry.loop_iterations(store, args.loop_name)[-len(result["iterations"]):]:
+            metrics = stored["metrics"]
+            if not rows:
+                rows.append({"stage": "baseline", "recipe": "-", "model": sface.name, **figures(metrics["current"]),
+                             "gate": "-", "minutes": None})
+            rows.append({"stage": f"loop {stored['iteration']}", "recipe": loop_recipe,
+                         "model": f"candidate {metrics['candidate_model_id']}", **figures(metrics["candidate"]),
+                         "gate": "promoted" if stored["promoted"] else "kept current",
+                         "minutes": round(metrics["seconds"]["retrain"] / 60, 1), "reason": metrics["gate_reason"]})
     return {
         "photos_mined": len(source), "photos_already_in_store": mined.photos_unchanged,
         "faces_found": mined.faces_found, "faces_passed": mined.faces_passed, "gate_metric": args.gate_metric,
-        "held_out_celeba_photos": len(held), "lfw_pairs": int(pd.read_csv(files["pairs"]).shape[0]),
-        "config": config.model_dump(), "device": args.device,
+        "held_out_celeba_photos": len(held), "held_out_celeba_people": int(held.identity.nunique()),
+        "lfw_pairs": int(pd.read_csv(files["pairs"]).shape[0]),
+        "config": config(loop_recipe).model_dump(), "device": args.device,
         "mine_seconds": round(mining.seconds, 1), "mine_peak_rss_mib": round(mining.peak_rss_mib),
-        "loop_seconds": round(looping.seconds, 1), "loop_peak_rss_mib": round(looping.peak_rss_mib),
-        "stop_reason": result["stop_reason"], "iterations": rows, "data_dir": str(root),
+        "stop_reason": stop_reason, "rows": rows, "data_dir": str(root),
     }
 
 
 def print_report(report: dict) -> None:
-    columns = ["iteration", "model", *REPORTED, "mined_bcubed_f", "identities", "churn", "promoted"]
-    table = pd.DataFrame(report["iterations"])[columns].rename(
+    columns = ["stage", "recipe", "model", *REPORTED, "gate", "minutes"]
+    table = pd.DataFrame(report["rows"])[columns].rename(
         columns=lambda name: name.replace("verification_", "lfw_").replace("clustering_", "heldout_celeba_")
     )
-    print("closed loop on CelebA; held out: LFW pairs (lfw_*), CelebA identities never mined (heldout_celeba_*);")
-    print("mined_bcubed_f: the loop's own labelling of the mined photos against their CelebA labels\n")
+    print("CelebA mined and trained on; judged on held-out CelebA people (heldout_celeba_*, each model at its own")
+    print("calibrated floor) and LFW pairs (lfw_*); 'minutes': wall time of the retrain flow (train + judge)\n")
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}", na_rep="-"))
-    for row in report["iterations"][1:]:
-        print(f"\niteration {row['iteration']}: {row['gate']}\n  seconds: {row['seconds']}")
-    summary = {key: value for key, value in report.items() if key not in ("iterations", "config")}
+    for row in report["rows"][1:]:
+        print(f"{row['stage']} {row['recipe']}: {row['reason']}")
+    summary = {key: value for key, value in report.items() if key not in ("rows", "config")}
     print("\n" + json.dumps(summary, indent=1, default=str))
 
 
@@ -161,14 +177,17 @@ def main() -> None:
     parser.add_argument("--holdout-fraction", type=float, default=0.3, help="share of CelebA identities held out")
     parser.add_argument("--holdout-limit", type=int, default=400, help="held-out CelebA photos (whole identities); 0: all")
     parser.add_argument("--pairs-limit", type=int, default=0, help="LFW pairs to use (0: all 2,200)")
-    parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--recipes", nargs="*", default=["distill", "distill_pairs", "margin"],
+                        help="recipes compared on one export, each gated against SFace (none: skip)")
+    parser.add_argument("--loop-recipe", default="distill", help="loop recipe when no recipes are compared")
+    parser.add_argument("--iterations", type=int, default=2, help="closed-loop rounds with the best recipe (0: none)")
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--freeze", type=float, default=0.8, help="share of parameter tensors kept frozen")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.01, help="base learning rate at batch size 256")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--min-churn", type=float, default=0.01)
-    parser.add_argument("--gate-metric", default="verification_accuracy", help="settings.gate.metric")
+    parser.add_argument("--gate-metric", default="auto", help="settings.gate.metric")
     parser.add_argument("--patience", type=int, default=1, help="iterations without promotion before stopping")
     parser.add_argument("--loop-name", default="benchmark", help="a store given again keeps its photos and caches")
     parser.add_argument("--device", default="auto")

@@ -18,8 +18,9 @@ from pipeline.dedup import find_duplicates, find_outliers
 from pipeline.errors import FacemineError
 from pipeline.identities import pin_reviewed_faces, review_constraints
 from storage import identities as identity_store
+from storage import registry
 from storage.decisions import load_review_state
-from storage.settings import Settings
+from storage.settings import Settings, SubsetName
 from storage.store import Store
 
 
@@ -47,6 +48,7 @@ def run_cluster(store: Store, settings: Settings, subsets: list[str] | None = No
     model = store.current_model()
     if model is None:
         raise FacemineError("no faces mined yet: run `facemine mine PATH --subset NAME` first")
+    config = registry.calibrated_cluster_config(store, model.id, config)
     started = time.perf_counter()
     faces = identity_store.face_table(store, subsets)
     face_ids, vectors = store.load_embeddings(model.id, faces.face_id)
@@ -134,7 +136,7 @@ def cluster(
 @flow(name="mine_and_cluster")
 def mine_and_cluster(
     folders: list[str],
-    subset: Annotated[str, Field(min_length=1, max_length=255)] = "default",
+    subset: SubsetName = "default",
     method: str | None = None,
 ) -> dict:
     """Mine new photos of `folders` into `subset`, then re-cluster everything."""

@@ -1,9 +1,15 @@
-"""Held-out validation of embedders (the promotion gate's evidence).
+"""Held-out validation of embedders (the promotion gate's evidence) and their calibration.
 
-The faces of the validation photos are detected once (largest face per photo) and cached with
-their chips per alignment template (`storage.holdout`); each model then only embeds the cached
-chips. Metrics of a model are stored with it (`Model.metrics`, keyed by `evaluation_key`), so
-the current model is not re-embedded at every retraining.
+`choose_judge` picks what judges a retrained model (pipeline.holdout's order): configured
+validation photos, else identities of the export held out from training (reviewed ones first,
+else a share of pseudo-identities). `judge_metrics` calibrates a model on unlabelled mined faces
+(pipeline.calibration, stored on the model row as `metrics["calibration"]`) and scores it on the
+held-out people at that operating point.
+
+The faces of configured validation photos are detected once (largest face per photo) and cached
+with their chips per alignment template (`storage.holdout`); each model then only embeds the
+cached chips. Their metrics are stored with the model (`Model.metrics`, keyed by
+`evaluation_key`), so the current model is not re-embedded for them at every retraining.
 """
 from __future__ import annotations
 
@@ -16,17 +22,31 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger
 
+from PIL import Image
+
 from flows.evaluate import read_truth
 from flows.gpu import gpu_slot
 from flows.runtime import inference_embedder, settings_from, store_for
+from pipeline.calibration import calibrate
+from pipeline.config import GateConfig
 from pipeline.detect import FaceDetector
 from pipeline.errors import FacemineError
-from pipeline.holdout import clustering_holdout_metrics, largest_face, verification_metrics
+from pipeline.holdout import (
+    CONFIGURED,
+    JUDGED_BY,
+    choose_holdout_identities,
+    clustering_holdout_metrics,
+    identity_holdout_metrics,
+    largest_face,
+    verification_metrics,
+)
 from pipeline.ingest import ImageRejected, load_image
 from pipeline.mining import realign_faces
+from storage import identities as identity_store
 from storage import registry
 from storage.holdout import HoldoutCache, holdout_key, read_pairs
 from storage.settings import Settings
+from storage.store import Store
 
 
 @dataclass(frozen=True)
@@ -121,15 +141,14 @@ def holdout_chips(holdout: Holdout, template: str, settings: Settings) -> np.nda
     return chips
 
 
-def holdout_metrics(payload: str, model_id: int, holdout: Holdout | None) -> dict:
-    """Held-out metrics of a stored model: verification_* on the pairs, clustering_* on the labels.
+def holdout_metrics(payload: str, model_id: int, holdout: Holdout, floor: float) -> dict:
+    """Held-out metrics of a stored model on configured photos: verification_* on the pairs,
+    clustering_* on the labels at the model's calibrated `floor`.
 
-    Stored with the model and reused while the held-out data and scoring settings stay the same.
+    Stored with the model and reused while the held-out data, scoring settings and floor stay the same.
     """
-    if holdout is None:
-        return {}
     settings, store = settings_from(payload), store_for(payload)
-    key = evaluation_key(holdout, settings)
+    key = hashlib.sha256(f"{evaluation_key(holdout, settings)}:{floor:.4f}".encode()).hexdigest()[:24]
     stored = registry.model_record(store, model_id)["metrics"]
     if stored.get("holdout") == key:
         return {name: value for name, value in stored.items() if name.startswith(("verification_", "clustering_"))}
@@ -148,8 +167,122 @@ def holdout_metrics(payload: str, model_id: int, holdout: Holdout | None) -> dic
     if holdout.truth is not None:
         index = holdout.truth["index"].to_numpy()
         metrics |= clustering_holdout_metrics(
-            vectors[index], holdout.found[index], holdout.truth.identity.to_numpy(), settings.cluster
+            vectors[index], holdout.found[index], holdout.truth.identity.to_numpy(), settings.cluster, floor
         )
     registry.update_model_metrics(store, model_id, {**metrics, "holdout": key})
     get_run_logger().info("held-out metrics of model %s: %s", model.name, metrics)
     return metrics
+
+
+# ---- what judges a retrained model ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The held-out data of one gate. Identity hold-outs name export identities kept out of training."""
+
+    source: str  # pipeline.holdout: CONFIGURED, REVIEWED or PSEUDO
+    pairs_csv: str | None = None
+    truth_csv: str | None = None
+    identities: tuple[str, ...] = ()  # export identity labels held out of training
+
+    @property
+    def description(self) -> str:
+        if self.source == CONFIGURED:
+            return f"{JUDGED_BY[CONFIGURED]}: {', '.join(path for path in (self.pairs_csv, self.truth_csv) if path)}"
+        return f"{len(self.identities)} {JUDGED_BY[self.source]}"
+
+
+def _reviewed_identities(store: Store) -> set[int]:
+    """Identities a person accepted, named or locked (all rows read: an IN list of every exported
+    identity would exceed SQLite's bound-parameter limit on a large store)."""
+    rows = identity_store.identity_rows(store)
+    reviewed = rows.accepted.astype(bool) | rows.locked.astype(bool) | rows.name.notna()
+    return set(rows.identity_id[reviewed].astype(int))
+
+
+def choose_judge(
+    store: Store, export_samples: dict[str, list[tuple[Path, str]]], gate: GateConfig, pairs_csv: str | None, seed: int = 0
+) -> Judge:
+    """Configured validation data when there is some, else identities of the export held out from
+    training (reviewed first, else pseudo-identities). Raises when nothing can judge."""
+    if pairs_csv or gate.validation_truth:
+        return Judge(CONFIGURED, pairs_csv=pairs_csv, truth_csv=gate.validation_truth)
+    labels = [label for split in export_samples.values() for _, label in split]
+    faces = pd.Series(labels, dtype=str).value_counts()
+    ids = [int(label) for label in faces.index]
+    reviewed = _reviewed_identities(store)
+    table = pd.DataFrame({"identity": ids, "faces": faces.to_numpy(), "reviewed": [i in reviewed for i in ids]})
+    choice = choose_holdout_identities(table, gate.holdout_share, gate.holdout_min_identities, seed)
+    if not choice.identities:
+        raise FacemineError(
+            f"the gate cannot judge a retrained model: {choice.reason}; mine more photos, or give held-out data "
+            "(gate.validation_pairs / gate.validation_truth)"
+        )
+    return Judge(choice.source, identities=tuple(str(identity) for identity in choice.identities))
+
+
+def training_samples(
+    export_samples: dict[str, list[tuple[Path, str]]], held_out_identities: list[str]
+) -> dict[str, list[tuple[Path, str]]]:
+    """The export's splits without the held-out identities."""
+    held_out = set(held_out_identities)
+    return {split: [(path, label) for path, label in rows if label not in held_out] for split, rows in export_samples.items()}
+
+
+def _read_chips(paths: list[Path]) -> np.ndarray:
+    chips = []
+    for path in paths:
+        with Image.open(path) as image:
+            chips.append(np.asarray(image.convert("RGB")))
+    return np.stack(chips)
+
+
+def _embed_chip_files(payload: str, model_id: int, paths: list[Path]) -> np.ndarray:
+    settings, store = settings_from(payload), store_for(payload)
+    model = store.model(model_id)
+    embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
+    with gpu_slot():
+        return embedder.embed(_read_chips(paths), batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
+
+
+def calibration_sample(
+    export_samples: dict[str, list[tuple[Path, str]]], faces: int, seed: int = 0
+) -> list[tuple[Path, str]]:
+    """A seeded sample of the export's (chip, pseudo-identity) that every model of a gate is calibrated on."""
+    rows = sorted({row for split in export_samples.values() for row in split})
+    if len(rows) > faces:
+        chosen = np.random.default_rng(seed).choice(len(rows), faces, replace=False)
+        rows = [rows[index] for index in sorted(chosen)]
+    return rows
+
+
+def calibrate_model(payload: str, model_id: int, sample: list[tuple[Path, str]]) -> dict:
+    """The model's operating points on these chips (pairs within one pseudo-identity left out);
+    stored on its row (`metrics["calibration"]`)."""
+    vectors = _embed_chip_files(payload, model_id, [path for path, _ in sample])
+    calibration = calibrate(vectors, np.array([label for _, label in sample]))
+    registry.update_model_metrics(store_for(payload), model_id, {"calibration": calibration})
+    return calibration
+
+
+def judge_metrics(
+    payload: str, model_id: int, judge: Judge, export_samples: dict[str, list[tuple[Path, str]]]
+) -> dict:
+    """Calibrate the model on the export's (unlabelled) chips, then score it on the held-out people
+    at its own floor. Returns verification_*, clustering_* and the calibration under `calibration`."""
+    settings = settings_from(payload)
+    gate = settings.gate
+    calibration = calibrate_model(payload, model_id, calibration_sample(export_samples, gate.calibration_faces))
+    floor = calibration["cluster_min_similarity"]
+    if judge.source == CONFIGURED:
+        metrics = holdout_metrics(payload, model_id, load_holdout(settings, judge.pairs_csv, judge.truth_csv), floor)
+    else:
+        held_out = set(judge.identities)
+        rows = [(path, label) for split in export_samples.values() for path, label in split if label in held_out]
+        vectors = _embed_chip_files(payload, model_id, [path for path, _ in rows])
+        metrics = identity_holdout_metrics(
+            vectors, np.array([label for _, label in rows]), floor, settings.cluster, gate.holdout_max_pairs
+        )
+    get_run_logger().info("model %d judged on %s at floor %.4f: %s", model_id, judge.description, floor, metrics)
+    return {**metrics, "calibration": calibration}

@@ -4,8 +4,10 @@
         export ─▶ retrain ─▶ gate ─▶ promoted? re-embed + re-cluster with the new model ─▶ churn
 
 Detection and alignment are never repeated: `flows.embed` re-embeds the stored chips (re-cut
-from stored landmarks when a model needs another template). Review decisions hold because every
-clustering goes through `flows.cluster.run_cluster`, which obeys them. Each iteration is stored
+from stored landmarks when a model needs another template). A trained model clusters at its own
+calibrated floor (stored on its row by the gate, pipeline.calibration), never at a floor tuned for
+another model (`storage.registry.calibrated_cluster_config`). Review decisions hold because every clustering goes through
+`flows.cluster.run_cluster`, which obeys them. Each iteration is stored
 as a `LoopIteration` (metrics of current and candidate, identities, label churn, stage times);
 `loop_table` and `plot_loop` show them. The loop stops early when no model is promoted
 (settings.gate.patience iterations in a row) or when a promotion changes fewer than
@@ -19,10 +21,13 @@ from typing import Annotated
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.cluster import cluster
-from flows.runtime import settings_payload, store_for
+from flows.artifacts import export_card_artifact
+from flows.cluster import run_cluster
+from flows.embed import embed
+from flows.runtime import settings_from, settings_payload, store_for
 from flows.train import retrain
 from pipeline.config import TrainConfig
 from pipeline.gate import label_churn, should_stop
@@ -36,7 +41,21 @@ from storage.store import Store
 @task(name="export-dataset")
 def export_task(payload: str, export_name: str, run_id: int) -> dict:
     store = store_for(payload)
-    return export_dataset(store, export_name, store.settings.export, run_id=run_id)
+    exported = export_dataset(store, export_name, store.settings.export, run_id=run_id)
+    export_card_artifact(exported)
+    return exported
+
+
+# Never cached: the same payload clusters again after every promotion.
+@task(name="cluster-identities", cache_policy=NO_CACHE)
+def cluster_current_model(payload: str) -> int:
+    return run_cluster(store_for(payload), settings_from(payload))
+
+
+def embed_and_cluster(payload: str) -> int:
+    """Embed faces the current model has not seen, then cluster them; the clustering run's id."""
+    embed()
+    return cluster_current_model(payload)
 
 
 def run_labels(store: Store, run_id: int) -> dict[int, int | None]:
@@ -74,7 +93,7 @@ def closed_loop(
     store = store_for(payload)
     logger = get_run_logger()
     seconds: dict[str, float] = {}
-    run_id = _timed("embed_cluster", seconds, cluster)["run_id"]
+    run_id = _timed("embed_cluster", seconds, embed_and_cluster, payload)
     first = registry.next_loop_iteration(store, loop_name)
     history: list[dict] = []
     stop_reason = ""
@@ -89,7 +108,7 @@ def closed_loop(
         before = after = identity_store.run_info(store, run_id)
         churn = None
         if trained["promoted"]:
-            new_run_id = _timed("reembed_cluster", seconds, cluster)["run_id"]
+            new_run_id = _timed("reembed_cluster", seconds, embed_and_cluster, payload)
             churn = label_churn(run_labels(store, run_id), run_labels(store, new_run_id))
             run_id, after = new_run_id, identity_store.run_info(store, new_run_id)
         entry = {
@@ -97,6 +116,8 @@ def closed_loop(
             "churn": churn,
             "gate_metric": trained["gate_metric"],
             "gate_reason": trained["reason"],
+            "judged_by": trained["judged_by"],
+            "judged_by_description": trained["judged_by_description"],
             "current": trained["current_metrics"],
             "candidate": trained["candidate_metrics"],
             "candidate_model_id": trained["model_id"],
@@ -134,7 +155,8 @@ def closed_loop(
 
 
 def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
-    """One row per stored iteration: gate metric of current and candidate, decision, identities, churn, time."""
+    """One row per stored iteration: which data judged the gate, gate metric of current and candidate,
+    decision, identities, churn, time."""
     rows = []
     for stored in registry.loop_iterations(store, loop_name):
         metrics = stored["metrics"]
@@ -142,6 +164,8 @@ def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
         rows.append({
             "iteration": stored["iteration"],
             "gate_metric": metric,
+            # Older iterations predate the record of what judged them.
+            "judged_by": metrics.get("judged_by", "not recorded"),
             "current": metrics["current"].get(metric),
             "candidate": metrics["candidate"].get(metric),
             "promoted": stored["promoted"],

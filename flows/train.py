@@ -1,10 +1,14 @@
 """Prefect flow `retrain`: dataset export → fine-tuned embedder → registry → held-out gate.
 
-    export ──train (current model as base)──▶ candidate ──register (parent, run, export)──▶
-    held-out metrics of candidate and current ──gate──▶ promoted, or kept with the reason
+    export ──choose who judges (configured photos / reviewed / pseudo-identities held out)──▶
+    train on the rest (current model as base) ──▶ candidate ──register (parent, run, export)──▶
+    calibrate both models on the same unlabelled faces ──▶ score both on the held-out people
+    at their own operating points ──gate──▶ promoted, or kept with the reason
 
-Every step is recorded: the `TrainingRun` goes running → done (or failed, with the error),
-its history fills epoch by epoch, and the candidate model keeps its metrics and gate reason.
+Every step is recorded: the `TrainingRun` goes running → done (or failed, with the error), its
+history fills epoch by epoch, its metrics say which data judged the gate, and the candidate model
+keeps its metrics, calibration and gate reason. A keyed table artifact (`retrain-gate`) shows both
+models' figures and the decision. A candidate that could not be judged fails the flow run.
 """
 from __future__ import annotations
 
@@ -14,14 +18,16 @@ from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from pydantic import Field
 
 from flows.gpu import gpu_slot
-from flows.holdout import holdout_metrics, load_holdout
+from flows.holdout import Judge, choose_judge, judge_metrics, training_samples
 from flows.runtime import current_embedder, load_embedder, settings_from, settings_payload, store_for
 from pipeline.config import TrainConfig
-from pipeline.gate import gate_decision
-from pipeline.train import train_embedder
+from pipeline.errors import FacemineError
+from pipeline.gate import GateVerdict, judge
+from pipeline.train import filter_pseudo_labels, train_embedder
 from storage import registry
 from storage.settings import Settings
 
@@ -33,12 +39,20 @@ def training_folder(settings: Settings, training_run_id: int) -> Path:
 
 
 @task(name="train-embedder")
-def train_task(payload: str, training_run_id: int, base_model_id: int, export_path: str, config: TrainConfig) -> dict:
-    """Fine-tune the base model on an export's train split, validating on its val split."""
+def train_task(
+    payload: str, training_run_id: int, base_model_id: int, export_path: str, held_out: list[str], config: TrainConfig
+) -> dict:
+    """Fine-tune the base model on an export's train split, validating on its val split, both
+    without the `held_out` identities (they judge the gate)."""
     settings, store = settings_from(payload), store_for(payload)
     base = store.model(base_model_id)
     embedder = load_embedder(base.kind, base.weights_path, settings.embed.device)
-    samples = registry.export_samples(export_path)
+    samples = training_samples(registry.export_samples(export_path), held_out)
+    confidence = registry.export_confidences(export_path)
+    train = filter_pseudo_labels([(path, label, confidence[path]) for path, label in samples["train"]],
+                                 config.min_label_confidence, config.min_identity_faces)
+    kept = {label for _, label in train}
+    samples = {"train": train, "val": [(path, label) for path, label in samples["val"] if label in kept]}
     out_dir = training_folder(settings, training_run_id)
     history: list[dict] = []
 
@@ -71,8 +85,33 @@ def register_task(payload: str, checkpoint: str, parent_id: int, training_run_id
 
 
 @task(name="evaluate-model")
-def evaluate_task(payload: str, model_id: int, pairs_csv: str | None, truth_csv: str | None) -> dict:
-    return holdout_metrics(payload, model_id, load_holdout(settings_from(payload), pairs_csv, truth_csv))
+def evaluate_task(payload: str, model_id: int, judged_by: Judge, export_path: str) -> dict:
+    return judge_metrics(payload, model_id, judged_by, registry.export_samples(export_path))
+
+
+# Rows of the gate's artifact: the measures both models are judged on, then their operating points.
+ARTIFACT_MEASURES = (
+    "clustering_bcubed_f", "clustering_bcubed_precision", "clustering_bcubed_recall", "verification_auc",
+    "verification_tar@far=0.001", "verification_tar@far=0.01", "verification_accuracy", "clustering_floor",
+)
+
+
+def gate_artifact(verdict: GateVerdict, judged_by: Judge, current: dict, candidate: dict, promoted: bool) -> None:
+    """Keyed table artifact `retrain-gate`: both models' figures, the data that judged, the decision."""
+    def figure(metrics: dict, name: str) -> float | None:
+        value = metrics.get(name)
+        return None if value is None else round(float(value), 4)
+
+    rows = [{"measure": name, "current": figure(current, name), "candidate": figure(candidate, name)}
+            for name in ARTIFACT_MEASURES]
+    rows.append({"measure": "calibrated verification threshold",
+                 "current": current.get("calibration", {}).get("verification_threshold"),
+                 "candidate": candidate.get("calibration", {}).get("verification_threshold")})
+    outcome = "promoted" if promoted else ("NOT JUDGED" if not verdict.judged else "kept the current model")
+    create_table_artifact(
+        key="retrain-gate", table=rows,
+        description=f"**{outcome}** ({verdict.metric}): {verdict.reason}\n\nJudged on {judged_by.description}.",
+    )
 
 
 def _export_val(metrics: dict) -> dict:
@@ -88,7 +127,8 @@ def retrain(
     validation_pairs: str | None = None,
 ) -> dict:
     """Fine-tune the current embedder on a dataset export and promote the result only if it beats
-    the current model on the held-out gate metric (settings.gate).
+    the current model on held-out people (settings.gate): configured validation data, else
+    reviewed identities held out from training, else a share of pseudo-identities held out.
 
     Args:
         config: Training parameters.
@@ -102,43 +142,48 @@ def retrain(
     gate = settings.gate
     pairs_csv = str(Path(validation_pairs).resolve()) if validation_pairs else gate.validation_pairs
     export = registry.pick_export(store, export_id)
+    # Before training: a run nothing could judge fails now, not after minutes of training.
+    judged_by = choose_judge(store, registry.export_samples(export["path"]), gate, pairs_csv)
     _, base = current_embedder(payload)
     params = {
         "train_config": config.model_dump(),
         "export": export,
         "base_model": {"id": base.id, "name": base.name, "weights_hash": base.weights_hash},
-        "validation_pairs": pairs_csv,
-        "validation_truth": gate.validation_truth,
+        "judged_by": {"source": judged_by.source, "description": judged_by.description,
+                      "identities": list(judged_by.identities)},
+        "validation_pairs": judged_by.pairs_csv,
+        "validation_truth": judged_by.truth_csv,
         "gate": gate.model_dump(),
     }
     run_id = registry.start_training_run(store, base.id, export["id"], params)
     logger = get_run_logger()
-    logger.info("training run %d: model %s on export %s v%d", run_id, base.name, export["name"], export["version"])
+    logger.info("training run %d: model %s on export %s v%d; judged on %s",
+                run_id, base.name, export["name"], export["version"], judged_by.description)
     try:
         started = time.perf_counter()
-        trained = train_task(payload, run_id, base.id, export["path"], config)
+        trained = train_task(payload, run_id, base.id, export["path"], list(judged_by.identities), config)
         train_seconds = time.perf_counter() - started
         model_id = register_task(payload, trained["checkpoint"], base.id, run_id)
         started = time.perf_counter()
-        current = evaluate_task(payload, base.id, pairs_csv, gate.validation_truth) | _export_val(trained["baseline"])
+        current = evaluate_task(payload, base.id, judged_by, export["path"]) | _export_val(trained["baseline"])
         last_epoch = trained["history"][-1]
-        candidate = evaluate_task(payload, model_id, pairs_csv, gate.validation_truth) | _export_val(last_epoch)
+        candidate = evaluate_task(payload, model_id, judged_by, export["path"]) | _export_val(last_epoch)
         evaluate_seconds = time.perf_counter() - started
         registry.update_model_metrics(store, model_id, candidate)
-        passed, reason = gate_decision(candidate, current, gate.metric, gate.min_improvement)
-        if gate.metric not in candidate:
-            reason += (": give held-out data (gate.validation_pairs / gate.validation_truth, e.g. "
-                       "FACEMINE_GATE__VALIDATION_PAIRS=pairs.csv) or choose another gate.metric")
-        promoted = registry.record_gate(store, model_id, passed, reason, promote)
+        verdict = judge(candidate, current, gate)
+        promoted = registry.record_gate(store, model_id, verdict.passed, verdict.reason, promote)
         summary = {
             "training_run_id": run_id,
             "model_id": model_id,
             "parent_model_id": base.id,
             "export_id": export["id"],
             "promoted": promoted,
-            "gate_passed": passed,
-            "reason": reason,
-            "gate_metric": gate.metric,
+            "judged": verdict.judged,
+            "gate_passed": verdict.passed,
+            "reason": verdict.reason,
+            "gate_metric": verdict.metric,
+            "judged_by": judged_by.source,
+            "judged_by_description": judged_by.description,
             "candidate_metrics": candidate,
             "current_metrics": current,
             "history": trained["history"],
@@ -148,10 +193,15 @@ def retrain(
         registry.finish_training_run(
             store, run_id, model_id, trained["history"],
             {key: summary[key] for key in ("candidate_metrics", "current_metrics", "gate_metric", "gate_passed",
-                                           "promoted", "reason", "seconds")},
+                                           "judged", "judged_by", "judged_by_description", "promoted", "reason",
+                                           "seconds")},
         )
     except BaseException as error:
         registry.fail_training_run(store, run_id, repr(error))
         raise
-    logger.info("training run %d -> model %d: %s", run_id, model_id, reason)
+    gate_artifact(verdict, judged_by, current, candidate, promoted)
+    logger.info("training run %d -> model %d: %s (judged on %s)", run_id, model_id, verdict.reason, judged_by.description)
+    if not verdict.judged:
+        # The run's state must say so: a green Completed would read as "the gate looked and kept SFace".
+        raise FacemineError(f"training run {run_id}: model {model_id} was registered but {verdict.reason}")
     return summary

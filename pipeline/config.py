@@ -6,7 +6,7 @@ Defaults are general-purpose, not tuned to any one photo set.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -143,6 +143,28 @@ class ExportConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Retraining parameters; the descriptions are the help texts of the Prefect UI's run form."""
 
+    recipe: Literal["distill", "distill_pairs", "margin"] = Field(
+        default="distill",
+        description="distill: a trainable copy sees in-the-wild degradations of each chip (low resolution, "
+        "JPEG, blur, colour, shifts) and must match the frozen model on the clean chip, anchored on clean chips "
+        "so the similarity scale does not drift; distill_pairs: the same plus pulling together confident "
+        "same-cluster pairs (pair_weight); margin: margin softmax (loss, margin, scale...) on the pseudo-labels",
+    )
+    anchor_weight: float = Field(
+        default=1.0, ge=0.0,
+        description="distill recipes: weight of the clean-chip anchor (match the frozen model's embedding and "
+        "its face-to-face similarities)",
+    )
+    pair_weight: float = Field(
+        default=0.1, ge=0.0, description="distill_pairs: weight of the confident same-cluster pair term"
+    )
+    min_label_confidence: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Pseudo-labels: train only on faces the clustering assigned with at least this confidence",
+    )
+    min_identity_faces: int = Field(
+        default=2, ge=1, description="Pseudo-labels: train only on identities keeping at least this many faces"
+    )
     base_model: Literal["current", "fresh"] = Field(
         default="current",
         description="current: fine-tune the current embedder; fresh: its architecture with re-initialised "
@@ -199,8 +221,18 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, description="Random seed of initialisation, sampling and augmentation")
 
 
+GATE_METRIC_PATTERN = r"(verification|export_val)_(accuracy|auc|tar@far=[0-9.e-]+)|clustering_(nmi|(bcubed|pairwise)_(f|precision|recall))"
+
+
 class GateConfig(BaseModel):
-    """Held-out validation of retrained models, the promotion gate and the closed loop's patience."""
+    """Held-out validation of retrained models, the promotion gate and the closed loop's patience.
+
+    What judges the gate, best first: the validation pairs / labelled photos below when set;
+    else identities a person reviewed (accepted, named or locked), held out from training; else
+    `holdout_share` of the pseudo-identities, held out from training (their labels come from the
+    current model, so this favours it). Each model is scored at its own operating point:
+    threshold-free pair measures and clustering at its calibrated floor (pipeline.calibration).
+    """
 
     # Verification pairs CSV (path_a, path_b, same) and labelled photos CSV (path, identity) for
     # clustering metrics; relative paths inside a CSV are relative to its folder. Their faces are
@@ -208,35 +240,56 @@ class GateConfig(BaseModel):
     validation_pairs: str | None = None
     validation_truth: str | None = None
     # Held-out metric a candidate must beat the current model on (higher is better); export_val_*
-    # are measured on the exported dataset's own validation split.
-    metric: str = Field(
-        default="verification_accuracy",
-        pattern=r"^((verification|export_val)_(accuracy|auc|tar@far=[0-9.e-]+)|clustering_(nmi|(bcubed|pairwise)_(f|precision|recall)))$",
-    )
+    # are measured on the exported dataset's own validation split. "auto": clustering_bcubed_f
+    # where the held-out data has identities, else verification_auc.
+    metric: str = Field(default="auto", pattern=rf"^(auto|{GATE_METRIC_PATTERN})$")
     # The candidate must beat the current model by more than this (ties never promote).
     min_improvement: float = Field(default=0.0, ge=0.0)
+    # ... and may not fall below it by more than `guard_tolerance` on any of these (where measured).
+    guard_metrics: tuple[Annotated[str, Field(pattern=rf"^({GATE_METRIC_PATTERN})$")], ...] = (
+        "verification_auc", "verification_tar@far=0.001",
+    )
+    guard_tolerance: float = Field(default=0.0, ge=0.0)
+    # Without configured validation data: share of the exported pseudo-identities held out (by
+    # identity, never by face), and the fewest identities that can judge.
+    holdout_share: float = Field(default=0.2, gt=0.0, le=0.5)
+    holdout_min_identities: int = Field(default=2, ge=2)
+    holdout_max_pairs: int = Field(default=20_000, ge=2)
+    # Unlabelled mined faces each model's operating points are calibrated on (a seeded sample).
+    calibration_faces: int = Field(default=5_000, ge=2)
     # Closed loop: stop after this many iterations in a row without a promotion.
     patience: int = Field(default=1, ge=1)
 
 
 class QueueConfig(BaseModel):
     """Review queue (labeling/queue.py). Thresholds are cosine similarities of L2-normalised embeddings; a face is compared with the
-    centre of the other faces of its identity."""
+    centre of the other faces of its identity, an identity with another through several sampled faces of each."""
 
     # Faces less similar than this to the rest of their identity are probably someone else.
-    outlier_similarity: float = Field(default=0.35, ge=-1.0, le=1.0)
+    outlier_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
     # Identities whose faces are on average less similar than this to the rest may be mixed.
     min_cohesion: float = Field(default=0.5, ge=-1.0, le=1.0)
-    # Two modes: identities this large are 2-means split; halves whose centres are less similar than
-    # `two_modes_max_similarity`, the smaller holding at least `two_modes_min_share`, are two people.
-    two_modes_min_faces: int = Field(default=6, ge=4)
+    # Faces sampled per identity (spread from its most to its least typical face) for the two-groups
+    # test and for comparing two identities.
+    sample_faces: int = Field(default=16, ge=2, le=256)
+    # Two groups: the sampled faces of identities this large are split in the two groups least
+    # alike; groups less similar than `two_modes_max_similarity` on average, the smaller holding at
+    # least `two_modes_min_share`, are two people.
+    two_modes_min_faces: int = Field(default=6, ge=3)
     two_modes_max_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
     two_modes_min_share: float = Field(default=0.15, gt=0.0, le=0.5)
-    # Identity pairs whose centres are this similar may be one person; across subsets (clustered
-    # apart, so never compared by the clusterer) a lower bar applies.
-    merge_min_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)
-    cross_subset_min_similarity: float = Field(default=0.45, ge=-1.0, le=1.0)
+    # Identity pairs whose sampled faces' best matches reach this median similarity may be one
+    # person; across subsets (clustered apart, so never compared by the clusterer) a lower bar applies.
+    merge_min_similarity: float = Field(default=0.45, ge=-1.0, le=1.0)
+    cross_subset_min_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
+    # Pairs compared: identities among each other's nearest centres, or with faces among each
+    # other's nearest faces at this similarity or more.
     merge_neighbours: int = Field(default=10, ge=1)
+    candidate_min_similarity: float = Field(default=0.3, ge=-1.0, le=1.0)
+    # Priorities weigh the faces a review may set right by how likely the finding is: two groups
+    # of faces are one person with probability 1/2 at `same_person_similarity`, logistic in `probability_width`.
+    same_person_similarity: float = Field(default=0.4, ge=-1.0, le=1.0)
+    probability_width: float = Field(default=0.05, gt=0.0, le=1.0)
     # Faces clustered or attached with lower confidence are worth a look.
     low_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
     unnamed_min_faces: int = Field(default=20, ge=1)

@@ -2,6 +2,8 @@
 
 - `gate_decision`: does a retrained model replace the current one? Only when it beats it on one
   held-out metric (higher is better) by more than a margin; ties keep the current model.
+- `judge`: the gate as configured (GateConfig): the primary metric ("auto" picks it from what
+  was measured), guard metrics that may not fall, and whether the models could be judged at all.
 - `label_churn`: how much of the labelling changed between two clustering runs.
 - `should_stop`: the closed loop's stopping rule over the iterations so far.
 """
@@ -9,6 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pipeline.config import GateConfig
+
+AUTO_METRICS = ("clustering_bcubed_f", "verification_auc")
 
 
 def gate_decision(
@@ -30,6 +37,41 @@ def gate_decision(
     if gain > min_improvement:
         return True, f"{comparison}, more than the required {min_improvement:g}): promoted"
     return False, f"{comparison}, not more than the required {min_improvement:g}): kept the current model"
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    judged: bool  # False: the metric was not measured on both models; nothing was compared
+    passed: bool
+    metric: str
+    reason: str
+
+
+def _measured(metrics: Mapping[str, float], name: str) -> bool:
+    value = metrics.get(name)
+    return value is not None and math.isfinite(value)
+
+
+def judge(candidate: Mapping[str, float], current: Mapping[str, float], config: GateConfig) -> GateVerdict:
+    """The gate's verdict: the candidate must beat the current model on the primary metric by more
+    than `min_improvement`, and lose no guard metric (measured on both) by more than `guard_tolerance`."""
+    metric = config.metric
+    if metric == "auto":
+        metric = next((name for name in AUTO_METRICS if _measured(candidate, name) and _measured(current, name)),
+                      AUTO_METRICS[0])
+    passed, reason = gate_decision(candidate, current, metric, config.min_improvement)
+    if not (_measured(candidate, metric) and _measured(current, metric)):
+        return GateVerdict(False, False, metric, f"not judged: {reason}")
+    falls = [
+        f"{guard} {candidate[guard]:.4f} vs current {current[guard]:.4f}"
+        for guard in config.guard_metrics
+        if guard != metric and _measured(candidate, guard) and _measured(current, guard)
+        and candidate[guard] < current[guard] - config.guard_tolerance
+    ]
+    if passed and falls:
+        return GateVerdict(True, False, metric, f"{reason.removesuffix(': promoted')} but fell on {'; '.join(falls)}: "
+                                                "kept the current model")
+    return GateVerdict(True, passed, metric, reason)
 
 
 def label_churn(previous: Mapping[int, Hashable | None], current: Mapping[int, Hashable | None]) -> float:

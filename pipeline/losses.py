@@ -144,3 +144,39 @@ class MarginSoftmaxHead(nn.Module):
         logits = cosine.scatter(1, targets[:, None], self.margin_function(true_cosine, self.margin))
         loss = F.cross_entropy(self.scale * logits, targets, label_smoothing=self.label_smoothing)
         return HeadOutput(loss=loss, cosine=cosine.detach(), targets=targets)
+
+
+# --- distillation and pair terms (the "distill" recipes of pipeline.train) ---------------------
+
+
+def cosine_distillation_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """mean(1 - cos(student_i, teacher_i)): 0 when each student embedding points where its teacher's does."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
+
+
+def similarity_preservation_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean squared difference of the two (B, B) cosine-similarity matrices, off the diagonal.
+
+    The scale anchor: a student that pulls every face together (all similarities up) or pushes
+    them apart pays for it even where each embedding alone moved little, so a calibrated floor
+    keeps its meaning across the fine-tune.
+    """
+    def similarities(embeddings: Tensor) -> Tensor:
+        unit = F.normalize(embeddings.float(), dim=1)
+        return unit @ unit.T
+
+    off_diagonal = ~torch.eye(len(student), dtype=torch.bool, device=student.device)
+    return (similarities(student) - similarities(teacher))[off_diagonal].pow(2).mean()
+
+
+def same_label_pair_loss(embeddings: Tensor, labels: Tensor) -> Tensor:
+    """mean(1 - cos) over the pairs of the batch that share a label; 0 when no pair does.
+
+    Only same-label pairs of confident pseudo-labels are pulled together: a face split over two
+    clusters is never pushed away from itself (what a margin softmax on pseudo-labels does).
+    """
+    unit = F.normalize(embeddings.float(), dim=1)
+    same = (labels[:, None] == labels[None, :]).triu(diagonal=1)
+    if not same.any():
+        return unit.sum() * 0.0  # keeps the graph (and the device) of a real loss
+    return (1.0 - (unit @ unit.T)[same]).mean()

@@ -1,11 +1,23 @@
-"""Retrain a face embedder on a mined dataset with a margin-softmax head.
+"""Retrain a face embedder on mined faces, by one of the recipes `TrainConfig.recipe` names.
+
+Recipes (`step_loss`):
+- margin: margin softmax (ArcFace/CosFace) over the pseudo-labels. Teaches the current model's
+  own clustering mistakes back to it: a person split over two clusters is pushed further apart.
+- distill: self-distillation. A trainable copy sees `wild_degradation`s of each chip and must
+  match the frozen starting model's embedding of the clean chip (labels unused), plus a
+  clean-chip anchor: on clean chips it must keep the frozen model's embeddings and its
+  face-to-face similarities, so the similarity scale does not drift (pipeline.losses).
+- distill_pairs: distill, plus pulling together pairs of the batch from one confident cluster.
+Pseudo-labels can be filtered by cluster confidence and identity size before any recipe
+(`filter_pseudo_labels`).
 
 `train_embedder` composes small parts, each testable alone:
 - data: `read_samples` (ImageFolder root or (chip path, label) list), `ChipDataset`,
-  `face_augmentation` (torchvision transforms v2);
+  `face_augmentation`, `wild_degradation`, `TwoViews` (torchvision transforms v2);
 - model: `freeze_early_parameters`, `train_unfrozen`, `forward_embeddings` (the one forward
   path of training and evaluation, guarded by `check_input_range`), `embed_dataset`;
-- loss: `pipeline.losses.MarginSoftmaxHead` (ArcFace/CosFace, sub-centres, Partial FC);
+- loss: `pipeline.losses.MarginSoftmaxHead` (ArcFace/CosFace, sub-centres, Partial FC), the
+  distillation, anchor and pair losses;
 - optimisation: `scaled_learning_rate` (linear scaling rule), `warmup_cosine_schedule`;
 - evaluation: `pipeline.verification` on pairs sampled from the validation faces.
 
@@ -45,7 +57,12 @@ from torchvision.transforms import v2
 from pipeline.config import TrainConfig
 from pipeline.embed import Embedder, Preprocessing, save_checkpoint
 from pipeline.errors import FacemineError
-from pipeline.losses import MarginSoftmaxHead
+from pipeline.losses import (
+    MarginSoftmaxHead,
+    cosine_distillation_loss,
+    same_label_pair_loss,
+    similarity_preservation_loss,
+)
 from pipeline.verification import evaluate_pairs, sample_verification_pairs
 
 logger = logging.getLogger(__name__)
@@ -106,7 +123,8 @@ class ChipDataset(Dataset):
                 "export the dataset aligned for this model"
             )
         if self.transform is not None:
-            chip = self.transform(chip.permute(2, 0, 1)).permute(1, 2, 0)  # transforms work on (C, H, W)
+            # Transforms work on (C, H, W); `TwoViews` returns (2, C, H, W).
+            chip = self.transform(chip.permute(2, 0, 1)).movedim(-3, -1)
         return chip, self.labels[index]
 
 
@@ -123,6 +141,42 @@ def face_augmentation(config: TrainConfig, size: int) -> v2.Transform:
         v2.RandomApply([down_then_up], p=config.low_resolution_probability),
         v2.RandomErasing(p=config.occlusion_probability, scale=(0.02, 0.2), value=0),
     ])
+
+
+def wild_degradation(size: int) -> v2.Transform:
+    """What faces in the wild suffer, for aligned uint8 (3, H, W) chips: downscaled to 20-48 px and
+    back, blur, colour and exposure changes, small shifts, JPEG artefacts. No flips: the student's
+    target is the teacher's embedding of the very same, unflipped chip."""
+    tiny_then_back = v2.Compose([v2.RandomResize(20, 49), v2.Resize(size)])
+    return v2.Compose([
+        v2.RandomApply([tiny_then_back], p=0.6),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),
+        v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.5),
+        v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.04, 0.04))], p=0.5),
+        v2.RandomApply([v2.JPEG((30, 90))], p=0.5),
+    ])
+
+
+class TwoViews:
+    """(clean, degraded) of one chip stacked: (2, C, H, W), for the distillation recipes."""
+
+    def __init__(self, degrade: Callable[[Tensor], Tensor]) -> None:
+        self.degrade = degrade
+
+    def __call__(self, chip: Tensor) -> Tensor:
+        return torch.stack([chip, self.degrade(chip)])
+
+
+def filter_pseudo_labels(
+    samples: Sequence[tuple[str | Path, Hashable, float]], min_confidence: float, min_faces: int
+) -> list[tuple[Path, Hashable]]:
+    """(path, label) of the faces assigned with confidence >= `min_confidence`, of the labels that
+    keep at least `min_faces` such faces: unsure assignments and tiny clusters teach noise."""
+    confident = [(Path(path), label) for path, label, confidence in samples if confidence >= min_confidence]
+    counts: dict[Hashable, int] = {}
+    for _, label in confident:
+        counts[label] = counts.get(label, 0) + 1
+    return [(path, label) for path, label in confident if counts[label] >= min_faces]
 
 
 # --- model ------------------------------------------------------------------------------
@@ -272,7 +326,8 @@ class _TrainingData:
     def build(cls, samples: str | Path | Samples, size: int, config: TrainConfig, context: DistributedContext) -> _TrainingData:
         pairs = [(str(path), str(label)) for path, label in read_samples(samples)]
         class_names, labels = np.unique([label for _, label in pairs], return_inverse=True)
-        dataset = ChipDataset([Path(path) for path, _ in pairs], labels.tolist(), size, face_augmentation(config, size))
+        transform = face_augmentation(config, size) if config.recipe == "margin" else TwoViews(wild_degradation(size))
+        dataset = ChipDataset([Path(path) for path, _ in pairs], labels.tolist(), size, transform)
         batch_size = min(config.batch_size, len(dataset) // context.world_size)
         if batch_size < 2:
             raise FacemineError(f"too few training chips ({len(dataset)}) for a batch of at least 2 per process")
@@ -286,7 +341,8 @@ class _Run:
     """Everything one training run updates, and what its state file holds."""
 
     embedder: Embedder  # working copy; its module is trained in place
-    head: MarginSoftmaxHead
+    head: MarginSoftmaxHead | None  # the margin recipe's class centres
+    teacher: Embedder | None  # the distillation recipes' frozen starting model
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler
@@ -300,19 +356,23 @@ class _Run:
     def start(cls, embedder: Embedder, data: _TrainingData, config: TrainConfig, context: DistributedContext) -> _Run:
         torch.manual_seed(config.seed)  # head initialisation
         work = _working_copy(embedder, config, context.device)
-        head = MarginSoftmaxHead(
-            embedding_dim=embedder.preprocessing.embedding_dim,
-            num_classes=len(data.class_names),
-            loss=config.loss,
-            margin=config.margin,
-            scale=config.scale,
-            sub_centers=config.sub_centers,
-            partial_fraction=config.partial_fc_fraction,
-            label_smoothing=config.label_smoothing,
-        ).to(context.device)
+        head = teacher = None
+        if config.recipe == "margin":
+            head = MarginSoftmaxHead(
+                embedding_dim=embedder.preprocessing.embedding_dim,
+                num_classes=len(data.class_names),
+                loss=config.loss,
+                margin=config.margin,
+                scale=config.scale,
+                sub_centers=config.sub_centers,
+                partial_fraction=config.partial_fc_fraction,
+                label_smoothing=config.label_smoothing,
+            ).to(context.device)
+        else:
+            teacher = _frozen_copy(embedder, context.device)
         trainable = [parameter for parameter in work.module.parameters() if parameter.requires_grad]
         optimizer = torch.optim.SGD(
-            trainable + list(head.parameters()),
+            trainable + (list(head.parameters()) if head is not None else []),
             lr=scaled_learning_rate(config, data.batch_size * context.world_size),
             momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -323,6 +383,7 @@ class _Run:
         return cls(
             embedder=work,
             head=head,
+            teacher=teacher,
             optimizer=optimizer,
             scheduler=warmup_cosine_schedule(optimizer, warmup_steps, total_steps),
             # Loss scaling only for fp16: bf16 and float32 have float32's exponent range.
@@ -342,7 +403,7 @@ class _Run:
             "history": self.history,
             "baseline": self.baseline,
             "module": self.embedder.module.state_dict(),
-            "head": self.head.state_dict(),
+            "head": self.head.state_dict() if self.head is not None else {},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -361,7 +422,8 @@ class _Run:
                 "use another output folder or resume=False"
             )
         self.embedder.module.load_state_dict(state["module"])
-        self.head.load_state_dict(state["head"])
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -413,11 +475,12 @@ def _train(
         run.load(state_path)
         logger.info("resuming %s after epoch %d", out_dir, run.epoch)
     else:
-        if config.imprint_centers and config.base_model != "fresh":
+        if run.head is not None and config.imprint_centers and config.base_model != "fresh":
             run.head.imprint(_class_means(run, data, config))
         run.baseline = validation.metrics(run, data.batch_size, config) if context.is_main else {}
 
-    backbone, head = _parallel(run.embedder.module, context), _parallel(run.head, context)
+    backbone = _parallel(run.embedder.module, context)
+    head = _parallel(run.head, context) if run.head is not None else None
     while run.epoch < config.epochs:
         # Augmentation and Partial FC draw from torch's generator: reseeding per epoch makes
         # a resumed run repeat exactly what an unbroken one does.
@@ -458,6 +521,14 @@ def _working_copy(embedder: Embedder, config: TrainConfig, device: torch.device)
     return work
 
 
+def _frozen_copy(embedder: Embedder, device: torch.device) -> Embedder:
+    """The distillation teacher: the starting model, frozen, in eval mode."""
+    teacher = dataclasses.replace(copy.deepcopy(embedder), device=device)
+    teacher.module.to(device).eval()
+    teacher.module.requires_grad_(False)
+    return teacher
+
+
 def _parallel(module: nn.Module, context: DistributedContext) -> nn.Module:
     if context.world_size == 1:
         return module
@@ -492,37 +563,63 @@ def _worker_options(config: TrainConfig) -> dict:
     return {"num_workers": config.num_workers, "multiprocessing_context": "forkserver"}
 
 
+def step_loss(
+    run: _Run, backbone: nn.Module, head: nn.Module | None, chips: Tensor, labels: Tensor, config: TrainConfig
+) -> tuple[Tensor, int]:
+    """(loss, correctly classified chips; 0 for the distillation recipes) of one batch.
+
+    `chips`: (B, H, W, 3) for the margin recipe, (B, 2, H, W, 3) clean and degraded views for the
+    distillation recipes.
+    """
+    if config.recipe == "margin":
+        output = head(forward_embeddings(backbone, run.embedder, chips, run.amp_dtype), labels)
+        return output.loss, int((output.cosine.argmax(dim=1) == output.targets).sum())
+    clean, degraded = chips[:, 0], chips[:, 1]
+    with torch.no_grad():
+        target = forward_embeddings(run.teacher.module, run.teacher, clean, run.amp_dtype)
+    # One pass over both views: trainable BatchNorms see one batch, as in evaluation.
+    student_clean, student_degraded = forward_embeddings(
+        backbone, run.embedder, torch.cat([clean, degraded]), run.amp_dtype
+    ).chunk(2)
+    loss = cosine_distillation_loss(student_degraded, target) + config.anchor_weight * (
+        cosine_distillation_loss(student_clean, target) + similarity_preservation_loss(student_clean, target)
+    )
+    if config.recipe == "distill_pairs":
+        loss = loss + config.pair_weight * same_label_pair_loss(student_degraded, labels)
+    return loss, 0
+
+
 def _train_epoch(
-    run: _Run, backbone: nn.Module, head: nn.Module, loader: DataLoader, config: TrainConfig, context: DistributedContext
+    run: _Run, backbone: nn.Module, head: nn.Module | None, loader: DataLoader, config: TrainConfig,
+    context: DistributedContext,
 ) -> dict[str, float]:
     train_unfrozen(backbone)
-    head.train()
+    if head is not None:
+        head.train()
     trainable = [parameter for group in run.optimizer.param_groups for parameter in group["params"]]
     loss_sum, correct, seen, started = 0.0, 0, 0, time.perf_counter()
     for chips, labels in loader:
         labels = labels.to(run.embedder.device)
-        output = head(forward_embeddings(backbone, run.embedder, chips, run.amp_dtype), labels)
-        if not torch.isfinite(output.loss):
-            raise FacemineError(f"training diverged (loss {output.loss.item()}) in epoch {run.epoch + 1}: lower base_lr")
+        loss, batch_correct = step_loss(run, backbone, head, chips, labels, config)
+        if not torch.isfinite(loss):
+            raise FacemineError(f"training diverged (loss {loss.item()}) in epoch {run.epoch + 1}: lower base_lr")
         run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(output.loss).backward()
+        run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
         nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
-        loss_sum += output.loss.item() * len(labels)
-        correct += int((output.cosine.argmax(dim=1) == output.targets).sum())
+        loss_sum += loss.item() * len(labels)
+        correct += batch_correct
         seen += len(labels)
     seconds = time.perf_counter() - started
     loss_sum, correct, seen = context.sum([loss_sum, correct, seen])
-    return {
-        "loss": loss_sum / seen,
+    accuracy = {} if head is None else {
         # Among the classes scored in each step (all of them unless Partial FC samples).
         "train_accuracy": correct / seen,
-        "lr": run.scheduler.get_last_lr()[0],
-        "images_per_second": seen / seconds,
     }
+    return {"loss": loss_sum / seen, **accuracy, "lr": run.scheduler.get_last_lr()[0], "images_per_second": seen / seconds}
 
 
 def _class_means(run: _Run, data: _TrainingData, config: TrainConfig) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from sqlalchemy import func, select, update
 
+from pipeline.config import ClusterConfig
 from pipeline.errors import FacemineError
 from storage.schema import DatasetExport, LoopIteration, Model, TrainingRun
 from storage.store import Store
@@ -50,6 +51,14 @@ def export_samples(export_path: str | Path) -> dict[str, list[tuple[Path, str]]]
         for split in EXPORT_SPLITS
         for rows in [manifest[manifest.split == split]]
     }
+
+
+def export_confidences(export_path: str | Path) -> dict[Path, float]:
+    """chip file -> the confidence its clustering assigned the face with."""
+    root = Path(export_path)
+    manifest = pd.read_parquet(root / "manifest.parquet", columns=["chip_path", "confidence", "split"])
+    exported = manifest[manifest.split.isin(EXPORT_SPLITS)]
+    return {root / chip: float(confidence) for chip, confidence in zip(exported.chip_path, exported.confidence)}
 
 
 # ---- training runs ----------------------------------------------------------------------------
@@ -121,6 +130,19 @@ def update_model_metrics(store: Store, model_id: int, metrics: dict) -> None:
     with store.session() as session:
         row = session.get_one(Model, model_id)
         row.metrics = {**(row.metrics or {}), **metrics}
+
+
+def calibrated_cluster_config(store: Store, model_id: int, config: ClusterConfig) -> ClusterConfig:
+    """`config` with a trained model's own calibrated floor (pipeline.calibration) once it has one.
+
+    The settings' floor was measured for the configured embedder (benchmarks/cluster_quality.py),
+    so a model without a parent keeps it; a fine-tuned model's similarity scale differs, and a floor
+    tuned for another model means nothing for it."""
+    record = model_record(store, model_id)
+    calibration = record["metrics"].get("calibration")
+    if record["parent_id"] is None or not calibration:
+        return config
+    return config.model_copy(update={"min_similarity": calibration["cluster_min_similarity"]})
 
 
 def record_gate(store: Store, model_id: int, passed: bool, reason: str, promote: bool) -> bool:

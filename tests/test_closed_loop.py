@@ -9,9 +9,10 @@ from retrain_helpers import prepared, small_train_config, store  # noqa: F401
 
 from facemine_cli import main
 from labeling.actions import Labeler
+from pipeline.gate import GateVerdict
 from storage import registry
 from storage.decisions import identity_faces
-from storage.identities import identities_summary, identity_rows, latest_run_id
+from storage.identities import identities_summary, identity_rows, latest_run_id, run_info
 from storage.store import Store
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ def test_two_iterations_with_model_changes_keep_a_named_identity(
     Labeler(store, who="tester").name(named, "Reviewed Person")
     # Force promotions so that both iterations re-embed and re-cluster with a new model (the gate
     # itself is tested in test_gate.py and test_retrain_flow.py).
-    monkeypatch.setattr("flows.train.gate_decision", lambda *args: (True, "promoted by the test"))
+    monkeypatch.setattr("flows.train.judge", lambda *args: GateVerdict(True, True, "clustering_bcubed_f", "promoted by the test"))
     sface = store.current_model()
 
     result = closed_loop(iterations=2, loop_name="test", config=small_train_config(), min_churn=0.0)
@@ -42,6 +43,7 @@ def test_two_iterations_with_model_changes_keep_a_named_identity(
     for row in iterations:
         metrics = row["metrics"]
         assert row["promoted"] and metrics["gate_reason"] == "promoted by the test"
+        assert metrics["judged_by"] == "configured"
         assert 0.5 <= metrics["current"]["verification_accuracy"] <= 1.0
         assert 0.5 <= metrics["candidate"]["verification_accuracy"] <= 1.0
         assert metrics["identities"] >= 4  # 8 people were mined
@@ -55,8 +57,10 @@ def test_two_iterations_with_model_changes_keep_a_named_identity(
     chain = registry.lineage(store, store.current_model().id)
     assert [step["id"] for step in chain][1:] == [iterations[0]["model_id"], sface.id]
     assert iterations[1]["model_id"] == chain[0]["id"]
-    # Each iteration's labelling is a clustering run of its own model.
+    # Each iteration's labelling is a clustering run of its own model, at that model's own floor.
     assert iterations[1]["run_id"] == latest_run_id(store) != run_id
+    floor = registry.model_record(store, chain[0]["id"])["metrics"]["calibration"]["cluster_min_similarity"]
+    assert run_info(store, iterations[1]["run_id"])["params"]["min_similarity"] == floor
 
     # The named identity kept its name and every reviewed face through two model changes.
     final = latest_run_id(store)
@@ -78,6 +82,7 @@ def test_loop_report_prints_iterations_and_writes_a_plot(
 
     plot = tmp_path / "report" / "loop.png"
     assert main(["loop", "report", "--name", "strict", "--plot", str(plot)]) == 0
-    assert "iteration 1: verification_accuracy" in capsys.readouterr().out
+    # Which data judged the iteration, and the gate's numbers.
+    assert "iteration 1 (judged on configured): clustering_bcubed_f" in capsys.readouterr().out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     assert main(["loop", "report", "--name", "missing"]) == 2

@@ -1,13 +1,18 @@
-"""Promotion gate, label churn and the closed loop's stopping rule, on hand-checked values."""
+"""Promotion gate, held-out identity choice, calibration, label churn and the closed loop's
+stopping rule, on hand-checked values."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from pipeline.config import GateConfig
-from pipeline.gate import gate_decision, label_churn, should_stop
+from pipeline.calibration import CLUSTER_FLOOR_Z, VERIFICATION_Z, calibrate, impostor_statistics
+from pipeline.config import ClusterConfig, GateConfig
+from pipeline.gate import gate_decision, judge, label_churn, should_stop
+from pipeline.holdout import PSEUDO, REVIEWED, choose_holdout_identities, identity_holdout_metrics
 
 METRIC = "verification_accuracy"
 
@@ -45,6 +50,124 @@ def test_gate_metric_setting_accepts_only_higher_is_better_metrics() -> None:
     for metric in ("verification_threshold", "clustering_n_clusters", "loss"):
         with pytest.raises(ValidationError):
             GateConfig(metric=metric)
+        with pytest.raises(ValidationError):
+            GateConfig(guard_metrics=(metric,))
+
+
+# ---- judge: the gate as configured --------------------------------------------------------------
+
+BOTH = {"clustering_bcubed_f": 0.90, "verification_auc": 0.98, "verification_tar@far=0.001": 0.80}
+
+
+def test_auto_metric_is_clustering_bcubed_f_when_measured_else_verification_auc() -> None:
+    better = BOTH | {"clustering_bcubed_f": 0.92}
+    verdict = judge(better, BOTH, GateConfig())
+    assert (verdict.judged, verdict.passed, verdict.metric) == (True, True, "clustering_bcubed_f")
+    pairs_only = {"verification_auc": 0.98}
+    verdict = judge({"verification_auc": 0.97}, pairs_only, GateConfig())
+    assert (verdict.judged, verdict.passed, verdict.metric) == (True, False, "verification_auc")
+
+
+def test_a_guard_metric_that_falls_keeps_the_current_model() -> None:
+    # Better clustering bought with a worse TAR@FAR=1e-3 is not promoted; a tolerance lets it pass.
+    candidate = BOTH | {"clustering_bcubed_f": 0.95, "verification_tar@far=0.001": 0.79}
+    verdict = judge(candidate, BOTH, GateConfig())
+    assert verdict.judged and not verdict.passed
+    assert "fell on verification_tar@far=0.001 0.7900 vs current 0.8000" in verdict.reason
+    assert judge(candidate, BOTH, GateConfig(guard_tolerance=0.02)).passed is True
+    # A guard measured on one side only does not block.
+    assert judge({"clustering_bcubed_f": 0.95}, BOTH, GateConfig()).passed is True
+
+
+def test_unmeasured_gate_metric_is_not_judged() -> None:
+    verdict = judge({"verification_auc": 0.99}, {"verification_auc": 0.98}, GateConfig(metric="clustering_bcubed_f"))
+    assert (verdict.judged, verdict.passed) == (False, False)
+    assert verdict.reason == "not judged: clustering_bcubed_f was not measured for the candidate"
+
+
+# ---- which identities judge -------------------------------------------------------------------
+
+
+def _identities(faces: list[int], reviewed: set[int] = frozenset()) -> pd.DataFrame:
+    ids = list(range(1, len(faces) + 1))
+    return pd.DataFrame({"identity": ids, "faces": faces, "reviewed": [i in reviewed for i in ids]})
+
+
+def test_reviewed_identities_judge_when_there_are_enough() -> None:
+    table = _identities([5] * 10, reviewed={3, 7, 9})
+    choice = choose_holdout_identities(table, share=0.2, min_identities=2)
+    assert (choice.source, choice.identities) == (REVIEWED, [3, 7, 9])
+    # A reviewed identity of one face cannot make a same-person pair: one usable is too few.
+    table = _identities([5, 5, 1, 5, 5, 5, 5, 5, 5, 5], reviewed={3, 7})
+    assert choose_holdout_identities(table, share=0.2, min_identities=2).source == PSEUDO
+
+
+def test_pseudo_identities_are_a_stable_share_with_two_faces_or_more() -> None:
+    table = _identities([5] * 18 + [1, 1])
+    choice = choose_holdout_identities(table, share=0.2, min_identities=2, seed=0)
+    assert choice.source == PSEUDO and len(choice.identities) == round(0.2 * 18)
+    assert not {19, 20} & set(choice.identities)
+    # The choice depends on the identities, not on the order the export lists them in.
+    shuffled = table.sample(frac=1.0, random_state=3)
+    assert choose_holdout_identities(shuffled, share=0.2, min_identities=2, seed=0) == choice
+    assert choose_holdout_identities(table, share=0.2, min_identities=2, seed=1).identities != choice.identities
+
+
+def test_too_few_identities_to_hold_out_says_so() -> None:
+    choice = choose_holdout_identities(_identities([4, 4, 4]), share=0.2, min_identities=2)
+    assert choice.identities == [] and choice.source == ""
+    assert "3 identities" in choice.reason and "too few to hold 2 out" in choice.reason
+
+
+def test_identity_holdout_metrics_judge_at_the_given_floor() -> None:
+    # Two tight people on orthogonal axes: perfect pairs; a floor above their within-person
+    # similarity splits everyone into singletons (BCubed recall 1/3 per face of a 3-face person).
+    rng = np.random.default_rng(0)
+    centres = np.eye(16)[:2]
+    vectors = np.repeat(centres, 3, axis=0) + 0.05 * rng.standard_normal((6, 16))
+    people = np.array([0, 0, 0, 1, 1, 1])
+    good = identity_holdout_metrics(vectors, people, floor=0.3, config=ClusterConfig(), max_pairs=100)
+    assert good["verification_auc"] == 1.0 and good["clustering_bcubed_f"] == 1.0
+    assert good["clustering_floor"] == 0.3 and good["holdout_identities"] == 2 and good["verification_pairs"] == 12
+    split = identity_holdout_metrics(vectors, people, floor=0.999, config=ClusterConfig(), max_pairs=100)
+    assert split["clustering_bcubed_recall"] == pytest.approx(1 / 3) and split["clustering_bcubed_precision"] == 1.0
+
+
+# ---- calibration --------------------------------------------------------------------------------
+
+
+def test_impostor_statistics_of_random_directions() -> None:
+    # Cosines of independent random directions in D dimensions: centre 0, spread 1/sqrt(D).
+    vectors = np.random.default_rng(0).standard_normal((3000, 256))
+    centre, spread, pairs = impostor_statistics(vectors)
+    assert pairs == 200_000
+    assert abs(centre) < 0.002 and spread == pytest.approx(1 / 16, rel=0.02)
+
+
+def test_calibrated_floor_follows_a_shift_of_the_similarity_scale() -> None:
+    # A model that pulls every embedding towards one direction raises all similarities; its floor
+    # rises with them, so one fixed floor would merge people the calibrated one keeps apart.
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 128))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    base = calibrate(vectors)
+    pulled = calibrate(vectors + 0.4 * np.eye(128)[0])
+    assert pulled["impostor_centre"] > base["impostor_centre"] + 0.1
+    assert pulled["cluster_min_similarity"] > base["cluster_min_similarity"] + 0.1
+    assert base["cluster_min_similarity"] == pytest.approx(
+        base["impostor_centre"] + CLUSTER_FLOOR_Z * base["impostor_spread"], abs=1e-3)
+    assert base["verification_threshold"] == pytest.approx(
+        base["impostor_centre"] + VERIFICATION_Z * base["impostor_spread"], abs=1e-3)
+    assert base["faces"] == 2000 and base["procedure"].startswith("random-pair")
+
+
+def test_calibration_ignores_a_few_same_person_pairs() -> None:
+    # 200 people x 5 faces: 0.4 % of random pairs are same-person (similar); median/MAD barely move.
+    rng = np.random.default_rng(1)
+    people = rng.standard_normal((200, 128))
+    faces = np.repeat(people, 5, axis=0) + 0.3 * rng.standard_normal((1000, 128))
+    alone = rng.standard_normal((1000, 128))
+    assert calibrate(faces)["impostor_spread"] == pytest.approx(calibrate(alone)["impostor_spread"], rel=0.05)
 
 
 def test_label_churn_counts_changed_faces_among_the_shared_ones() -> None:
@@ -71,3 +194,36 @@ def test_should_stop_when_churn_falls_below_the_threshold() -> None:
     stop, reason = should_stop([{"promoted": True, "churn": 0.005}], min_churn=0.01)
     assert stop and "0.0050" in reason
     assert should_stop([], min_churn=0.01) == (False, "")
+
+
+def test_calibration_leaves_out_pairs_inside_one_pseudo_identity() -> None:
+    # Three tight people: two random faces are one person a third of the time, which drags the
+    # median up; left out by their clusters, only different people remain.
+    rng = np.random.default_rng(2)
+    people = np.eye(64)[:3]
+    faces = np.repeat(people, 100, axis=0) + 0.05 * rng.standard_normal((300, 64))
+    groups = np.repeat([0, 1, 2], 100)
+    centre, _, pairs = impostor_statistics(faces, groups)
+    # 300 * 299 / 2 pairs drawn; a partner outside the face's group 200 times in 299.
+    assert abs(centre) < 0.02 and pairs == pytest.approx(300 * 299 / 2 * 200 / 299, rel=0.02)
+    with pytest.raises(ValueError, match="2 groups"):
+        impostor_statistics(faces, np.zeros(300))
+
+
+def test_only_a_trained_model_clusters_at_its_own_calibrated_floor(tmp_path) -> None:
+    from storage import registry
+    from storage.settings import Settings
+    from storage.store import Store
+
+    store = Store(Settings(data_dir=tmp_path))
+    preprocessing = {"template": "arcface_112"}
+    base = store.register_model("base", "sface", None, "a" * 64, 128, preprocessing)
+    child = store.register_model("child", "checkpoint", None, "b" * 64, 128, preprocessing, parent_id=base.id)
+    settings_floor = ClusterConfig()
+    assert registry.calibrated_cluster_config(store, child.id, settings_floor) == settings_floor  # not calibrated yet
+    for model, floor in ((base, 0.31), (child, 0.47)):
+        registry.update_model_metrics(store, model.id, {"calibration": {"cluster_min_similarity": floor}})
+    # The settings' floor was measured for the base embedder; the trained one uses its own.
+    assert registry.calibrated_cluster_config(store, base.id, settings_floor) == settings_floor
+    assert registry.calibrated_cluster_config(store, child.id, settings_floor).min_similarity == 0.47
+    assert settings_floor.min_similarity != 0.47

@@ -1,4 +1,5 @@
-"""Margin softmax losses: loss direction, margins, sub-centres, Partial FC sampling (math on small tensors)."""
+"""Margin softmax, distillation, anchor and pair losses: loss direction, margins, sub-centres, Partial
+FC sampling (math on small tensors)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,10 @@ from pipeline.losses import (
     MarginSoftmaxHead,
     arcface_margin,
     cosface_margin,
+    cosine_distillation_loss,
+    same_label_pair_loss,
     sample_partial_classes,
+    similarity_preservation_loss,
     subcenter_cosine,
 )
 
@@ -153,3 +157,44 @@ def test_unknown_loss_and_single_class_are_user_errors() -> None:
         MarginSoftmaxHead(DIM, num_classes=3, loss="triplet")
     with pytest.raises(FacemineError, match="at least 2"):
         MarginSoftmaxHead(DIM, num_classes=1)
+
+
+# ---- distillation recipes --------------------------------------------------------------------
+
+
+def test_distillation_loss_falls_as_the_student_turns_to_its_teacher() -> None:
+    angles = np.linspace(math.pi / 2, 0.0, 7)
+    teacher = AXES[0][None]
+    losses = [cosine_distillation_loss(rotation_toward_class0(np.array([angle])), teacher).item() for angle in angles]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == len(losses)
+    assert losses[0] == pytest.approx(1.0) and losses[-1] == pytest.approx(0.0, abs=1e-6)
+    # Length does not matter, only direction.
+    assert cosine_distillation_loss(3.0 * teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_similarity_preservation_charges_a_shift_of_the_scale() -> None:
+    teacher = AXES[:3]  # three faces, pairwise cosine 0
+    assert similarity_preservation_loss(teacher, teacher).item() == 0.0
+    # Pulling every face towards one shared direction raises every pairwise cosine: the loss
+    # grows with the pull although each face moved the same small way.
+    losses = [similarity_preservation_loss(teacher + pull * AXES[4], teacher).item() for pull in (0.0, 0.2, 0.5, 1.0)]
+    assert losses == sorted(losses) and losses[0] == 0.0 and losses[1] > 0.0
+    # A rotation of all faces together keeps every similarity: no charge.
+    rotation = torch.linalg.qr(torch.randn(DIM, DIM, generator=torch.Generator().manual_seed(0)))[0]
+    assert similarity_preservation_loss(teacher @ rotation, teacher).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_pair_loss_pulls_same_label_pairs_only() -> None:
+    labels = torch.tensor([0, 0, 1])
+    apart = torch.stack([AXES[0], AXES[1], AXES[2]])
+    closer = torch.stack([AXES[0], AXES[0] + AXES[1], AXES[2]])
+    assert same_label_pair_loss(apart, labels).item() == pytest.approx(1.0)
+    assert same_label_pair_loss(closer, labels).item() == pytest.approx(1 - math.cos(math.pi / 4))
+    # The different-label face does not count: moving it changes nothing.
+    moved = torch.stack([AXES[0], AXES[1], AXES[0]])
+    assert same_label_pair_loss(moved, labels).item() == pytest.approx(1.0)
+    # No pair shares a label: zero, still differentiable.
+    embeddings = apart.clone().requires_grad_(True)
+    loss = same_label_pair_loss(embeddings, torch.tensor([0, 1, 2]))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(embeddings.grad, torch.zeros_like(apart))

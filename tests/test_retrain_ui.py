@@ -4,10 +4,13 @@ A real local Prefect server and `facemine serve` run over a store holding a smal
 (LFW faces, clustered and exported); headless Chromium opens the UI, goes to Deployments →
 retrain → Run → Custom run, checks the form refuses an out-of-range value, edits it and submits.
 The run must complete and register a new model version whose training run carries the values
-typed into the form.
+typed into the form, judged by the gate with its defaults (no validation data configured): on
+pseudo-identities held out from training, both models' figures and the decision in the run's
+`retrain-gate` artifact.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Locator, Page, sync_playwright
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect_helpers import (
     NEVER_DURING_TESTS,
     api_client,
@@ -94,13 +98,14 @@ def test_retrain_launched_from_the_ui_registers_a_model_with_the_typed_parameter
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             prepared = prepared_store(tmp_path_factory)
         store = store_copy(prepared, tmp_path / "facemine-data", monkeypatch)
+        # Defaults: no validation data configured (the serve process does not inherit FACEMINE_*).
+        monkeypatch.delenv("FACEMINE_GATE__VALIDATION_PAIRS")
+        monkeypatch.delenv("FACEMINE_GATE__VALIDATION_TRUTH")
         models_before = set(registry.models_table(store).id)
         env = prefect_env(
             home,
             api_url,
             FACEMINE_DATA_DIR=str(store.data_dir),
-            FACEMINE_GATE__VALIDATION_PAIRS=str(prepared.pairs),
-            FACEMINE_GATE__VALIDATION_TRUTH=str(prepared.truth),
             FACEMINE_SERVE__CLUSTER_CRON=NEVER_DURING_TESTS,
             **{f"FACEMINE_TRAIN__{name.upper()}": str(value) for name, value in TRAIN_DEFAULTS.items()},
         )
@@ -126,6 +131,10 @@ def test_retrain_launched_from_the_ui_registers_a_model_with_the_typed_parameter
             )
             assert run.state.is_completed(), f"retrain run ended {run.state.name}: {run.state.message}"
             sent = run.parameters["config"]
+            [artifact] = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-gate"]),
+                                               flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
 
     assert {name: sent[name] for name in EXPECTED_PARAMS} == EXPECTED_PARAMS
     new_models = set(registry.models_table(store).id) - models_before
@@ -137,3 +146,13 @@ def test_retrain_launched_from_the_ui_registers_a_model_with_the_typed_parameter
     assert {name: used[name] for name in EXPECTED_PARAMS} == EXPECTED_PARAMS
     assert {name: used[name] for name in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
     assert [entry["epoch"] for entry in training["history"]] == [1]
+    # The gate judged, with defaults, on people training never saw, and says how.
+    assert training["metrics"]["judged"] is True and training["metrics"]["judged_by"] == "pseudo"
+    assert training["metrics"]["gate_metric"] == "clustering_bcubed_f"
+    assert "not measured" not in model["gate_reason"] and model["gate_reason"] == training["metrics"]["reason"]
+    assert model["status"] in ("current", "rejected") and (model["status"] == "current") is training["metrics"]["promoted"]
+    figures = {row["measure"]: row for row in json.loads(artifact.data)}
+    current = training["metrics"]["current_metrics"]
+    assert figures["clustering_bcubed_f"]["current"] == round(current["clustering_bcubed_f"], 4)
+    assert figures["verification_auc"]["candidate"] == round(training["metrics"]["candidate_metrics"]["verification_auc"], 4)
+    assert "pseudo-identities held out" in artifact.description and model["gate_reason"] in artifact.description

@@ -161,7 +161,7 @@ def cmd_identities(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flows.export import export
+    from storage.exports import export_dataset
 
     store = _store()
     updates = {
@@ -174,7 +174,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if value is not None
     }
     config = store.settings.export.model_validate(store.settings.export.model_dump() | updates)
-    result = export(name=args.name, run_id=_clustering_run(store, args.run), config=config)
+    result = export_dataset(store, args.name, config, run_id=_clustering_run(store, args.run))
     keys = ("export_id", "path", "version", "run_id", "identities", "faces", "train_faces", "val_faces")
     _print_table([{"": key, "value": result[key]} for key in keys], title="dataset export")
     return 0

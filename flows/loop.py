@@ -24,8 +24,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.artifacts import export_card_artifact
 from flows.cluster import run_cluster
+from flows.export import export
 from flows.embed import embed
 from flows.runtime import settings_from, settings_payload, store_for
 from flows.train import retrain
@@ -33,17 +33,8 @@ from pipeline.config import TrainConfig
 from pipeline.gate import label_churn, should_stop
 from storage import identities as identity_store
 from storage import registry
-from storage.exports import export_dataset
 from storage.settings import Settings
 from storage.store import Store
-
-
-@task(name="export-dataset")
-def export_task(payload: str, export_name: str, run_id: int) -> dict:
-    store = store_for(payload)
-    exported = export_dataset(store, export_name, store.settings.export, run_id=run_id)
-    export_card_artifact(exported)
-    return exported
 
 
 # Never cached: the same payload clusters again after every promotion.
@@ -99,7 +90,7 @@ def closed_loop(
     stop_reason = ""
     for step in range(iterations):
         iteration = first + step
-        exported = _timed("export", seconds, export_task, payload, export_name, run_id)
+        exported = _timed("export", seconds, export, name=export_name, run_id=run_id)
         # Each iteration draws its own batches and augmentations: a retry after a rejected
         # candidate (gate.patience > 1) is then not the same training again.
         iteration_config = config.model_copy(update={"seed": config.seed + step})

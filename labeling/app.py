@@ -353,6 +353,9 @@ class ReviewApp(App[None]):
     async def action_undo(self) -> None:
         await self._decided(self.session.undo)
 
+    async def action_force(self) -> None:
+        await self._decided(self.session.force)
+
     def action_move(self) -> None:
         if self.session.view is None:
             return

@@ -15,7 +15,7 @@ from labeling.actions import IdentityInfo, Labeler
 from labeling.queue import QueueConfig, QueueItem, ReviewQueue, build_queue
 from labeling.text import plural
 from pipeline.errors import FacemineError
-from storage.decisions import DecisionRecord
+from storage.decisions import DecisionConflict, DecisionRecord
 from storage.store import Store
 
 # Faces of the highlighted merge suggestion shown beside the current identity.
@@ -62,6 +62,7 @@ KEYS: tuple[Key, ...] = (
     Key(("x",), "not_a_face", "no face", "the selected faces (else the cursor's) are not faces at all"),
     Key(("L",), "lock", "lock", "keep exactly these faces: nothing joins automatically, go to the next item"),
     Key(("u",), "undo", "undo", "undo the last decision still in effect and go back to its item"),
+    Key(("F",), "force", "force", "make the decision just refused anyway, overriding the decisions it contradicts (logged)"),
     Key(("space",), "toggle", "select", "select or unselect the face under the cursor"),
     Key(("c",), "clear", "clear", "clear the selection"),
     Key(("enter", "full_stop"), "next_item", "skip", "leave this item for later: the next one"),
@@ -106,6 +107,8 @@ class ReviewSession:
         # (decision id, item index) of this session's decisions still in effect, for undo.
         self.undo_stack: list[tuple[int, int]] = []
         self.message, self.error = "", False
+        # The last decision refused for contradicting earlier ones, ready to be forced ("F").
+        self.refused: tuple[Callable[[bool], DecisionRecord], bool] | None = None
         self.show(0)
 
     # ---- showing items -----------------------------------------------------------------------
@@ -215,12 +218,18 @@ class ReviewSession:
 
     # ---- decisions -------------------------------------------------------------------------
 
-    def decide(self, act: Callable[[], DecisionRecord], advance: bool) -> DecisionRecord | None:
-        """Run one action; report it; then move on or show the identity as it is now."""
+    def decide(self, act: Callable[[bool], DecisionRecord], advance: bool, force: bool = False) -> DecisionRecord | None:
+        """Run one action (`act(force)`); report it; then move on or show the identity as it is now.
+        A decision refused for contradicting earlier ones can then be forced with `force_refused`."""
         if self.view is None:
             return None
+        self.refused = None
         try:
-            record = act()
+            record = act(force)
+        except DecisionConflict as conflict:
+            self.refused = (act, advance)
+            self.say(f"{conflict} (F: force it)", error=True)
+            return None
         except FacemineError as error:
             self.say(str(error), error=True)
             return None
@@ -233,29 +242,37 @@ class ReviewSession:
             self.reload()
         return record
 
+    def force(self) -> DecisionRecord | None:
+        """Make the decision just refused anyway; the log records what it overrides."""
+        if self.refused is None:
+            self.say("nothing to force: no decision was just refused", error=True)
+            return None
+        act, advance = self.refused
+        return self.decide(act, advance, force=True)
+
     def accept(self) -> DecisionRecord | None:
         if self.view is None:
             return None
         identity = self.view.identity.id
-        return self.decide(lambda: self.labeler.accept(identity), advance=True)
+        return self.decide(lambda force: self.labeler.accept(identity, force=force), advance=True)
 
     def lock(self) -> DecisionRecord | None:
         if self.view is None:
             return None
         identity = self.view.identity.id
-        return self.decide(lambda: self.labeler.lock(identity), advance=True)
+        return self.decide(lambda force: self.labeler.lock(identity, force=force), advance=True)
 
     def reject(self) -> DecisionRecord | None:
         if self.view is None:
             return None
         identity, faces = self.view.identity.id, self.targets()
-        return self.decide(lambda: self.labeler.reject(identity, faces), advance=False)
+        return self.decide(lambda force: self.labeler.reject(identity, faces, force=force), advance=False)
 
     def not_a_face(self) -> DecisionRecord | None:
         if self.view is None:
             return None
         faces = self.targets()
-        return self.decide(lambda: self.labeler.not_a_face(faces), advance=False)
+        return self.decide(lambda force: self.labeler.not_a_face(faces, force=force), advance=False)
 
     def split(self) -> DecisionRecord | None:
         if self.view is None:
@@ -264,7 +281,7 @@ class ReviewSession:
             self.say("select the faces to split off first (space)", error=True)
             return None
         identity, faces = self.view.identity.id, sorted(self.view.selected)
-        return self.decide(lambda: self.labeler.split(identity, faces), advance=False)
+        return self.decide(lambda force: self.labeler.split(identity, faces, force=force), advance=False)
 
     def merge(self) -> DecisionRecord | None:
         if self.view is None:
@@ -273,7 +290,7 @@ class ReviewSession:
             self.say("no identity to merge with", error=True)
             return None
         identity, other = self.view.identity.id, self.view.suggestions[self.view.highlighted][0]
-        return self.decide(lambda: self.labeler.merge(identity, other), advance=True)
+        return self.decide(lambda force: self.labeler.merge(identity, other, force=force), advance=True)
 
     def move_prompt(self) -> str:
         return f"Move {plural(len(self.targets()))} to identity id:"
@@ -286,7 +303,7 @@ class ReviewSession:
             self.say(f"not an identity id: {answer!r}", error=True)
             return None
         faces, target = self.targets(), int(answer)
-        return self.decide(lambda: self.labeler.move(faces, target), advance=False)
+        return self.decide(lambda force: self.labeler.move(faces, target, force=force), advance=False)
 
     def name_prompt(self) -> tuple[str, str]:
         """The question and the current name, to edit."""
@@ -298,7 +315,7 @@ class ReviewSession:
         if self.view is None or answer is None or not answer.strip():
             return None
         identity = self.view.identity.id
-        return self.decide(lambda: self.labeler.name(identity, answer), advance=True)
+        return self.decide(lambda force: self.labeler.name(identity, answer, force=force), advance=True)
 
     def undo(self) -> DecisionRecord | None:
         """Undo the latest decision in effect; back to its item when this session made it."""

@@ -65,6 +65,7 @@ ACTIONS = {
     "not_a_face": lambda s, act: s.not_a_face(),
     "lock": lambda s, act: s.lock(),
     "undo": lambda s, act: s.undo(),
+    "force": lambda s, act: s.force(),
     "toggle": lambda s, act: s.toggle(),
     "clear": lambda s, act: s.clear(),
     "next_item": lambda s, act: s.next_item(),

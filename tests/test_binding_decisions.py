@@ -214,3 +214,20 @@ def test_cannot_links_reach_clustering_by_index():
     review = ReviewState(pinned={10: 1, 11: 2}, cannot_link={(10, 11), (12, 99)}, excluded={12})
     constraints, _ = review_constraints(np.array([10, 11, 12, 13]), review, {})
     assert list(constraints.cannot_link) == [(0, 1)]  # faces not in the run or not faces drop out
+
+
+def test_the_review_surfaces_force_a_refused_decision_only_when_asked(store, scenario):
+    from labeling.session import ReviewSession
+
+    labeler = Labeler(store, "reviewer")
+    reject = labeler.reject(scenario.intruded, [scenario.intruder])
+    session = ReviewSession(store, labeler)
+    assert session.view is not None
+    assert session.force() is None and session.message == "nothing to force: no decision was just refused"
+    put_back = lambda force: labeler.move([scenario.intruder], scenario.intruded, force=force)  # noqa: E731
+    assert session.decide(put_back, advance=False) is None
+    assert session.error and session.message.endswith("--force overrides (F: force it)")
+    forced = session.force()
+    assert forced.summary.endswith(f"(overriding decision {reject.id})")
+    assert decisions.load_review_state(store).pinned[scenario.intruder] == scenario.intruded
+    assert session.force() is None  # forcing is for the decision just refused, once

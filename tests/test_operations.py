@@ -28,6 +28,8 @@ from storage.settings import Settings
 from storage.store import Store
 
 LFW = DATA / "lfw" / "images"
+# Larger photos than LFW's 150 px: a detector batch of them takes long enough to be seen on screen.
+CELEBA = DATA / "celeba" / "images"
 PEOPLE = ("Jennifer_Lopez", "Jennifer_Aniston", "Carlos_Menem", "Paul_Bremer")
 PHOTOS_PER_PERSON = 4
 
@@ -315,14 +317,14 @@ BAR = re.compile(r"^(starting \([^)]*\)|mining photos) .*? (\d+)/(\d+|\?)")
 MINE_WAIT_SECONDS = 600
 
 
-def mine_in_tmux(tmp_path: Path, photos: int, *options: str) -> tuple[set[tuple[str, str, str]], str]:
-    """`facemine mine` on `photos` LFW photos in a 120x40 tmux terminal; returns the bar states seen
-    while it ran (description, done, total) and the terminal's whole history after it ended."""
+def mine_in_tmux(tmp_path: Path, photos: int, *options: str, source: Path = LFW) -> tuple[set[tuple[str, str, str]], str]:
+    """`facemine mine` on the first `photos` photos of `source` in a 120x40 tmux terminal; returns the
+    bar states seen while it ran (description, done, total) and the terminal's whole history after it ended."""
     if shutil.which("tmux") is None:
         pytest.fail("tmux is not installed: apt-get install tmux (scripts/test.sh installs it)")
     folder = tmp_path / "photos"
     folder.mkdir()
-    for photo in sorted(LFW.rglob("*.jpg"))[:photos]:
+    for photo in sorted(source.rglob("*.jpg"))[:photos]:
         shutil.copyfile(photo, folder / photo.name)
     (tmp_path / "facemine.toml").write_text("")
     env = {"FACEMINE_DATA_DIR": tmp_path / "data", "FACEMINE_CONFIG": tmp_path / "facemine.toml",
@@ -354,16 +356,17 @@ def mine_in_tmux(tmp_path: Path, photos: int, *options: str) -> tuple[set[tuple[
 
 @pytest.mark.e2e
 def test_mine_shows_one_clean_progress_bar(tmp_path: Path):
-    states, history = mine_in_tmux(tmp_path, 20)
+    states, history = mine_in_tmux(tmp_path, 40, source=CELEBA)
     lines = history.splitlines()
     assert not [line for line in lines if PREFECT_LOG_LINE.search(line)], history
     assert "Concurrency limits" not in history
     # The bar was drawn in place: the history keeps only its last state, once.
     assert [line for line in lines if BAR.match(line)] == [next(line for line in lines if BAR.match(line))]
-    assert BAR.match(next(line for line in lines if BAR.match(line))).groups() == ("mining photos", "20", "20")
+    assert BAR.match(next(line for line in lines if BAR.match(line))).groups() == ("mining photos", "40", "40")
     # It said what it was doing before the first photo, then moved before the shard ended.
-    assert ("starting (loading models)", "0", "20") in states
-    assert {done for description, done, _ in states if description == "mining photos"} >= {"16", "20"}
+    assert ("starting (loading models)", "0", "40") in states
+    # One report per detector batch of 16 photos: each state lasts while the next batch is detected.
+    assert {done for description, done, _ in states if description == "mining photos"} >= {"16", "32", "40"}
     assert "Beginning flow run" in (tmp_path / "data" / "logs" / "facemine.log").read_text()
 
 

@@ -8,7 +8,7 @@ let state = null;
 let chain = Promise.resolve();  // requests run one after another, in key order
 let ended = false;
 // Buttons: each says what it does and which key does the same.
-const BUTTONS = ["accept", "reject", "merge", "move", "split", "name", "not_a_face", "lock", "undo", "previous_item", "next_item"];
+const BUTTONS = ["accept", "reject", "merge", "move", "split", "name", "not_a_face", "lock", "undo", "force", "previous_item", "next_item"];
 
 function post(path, body) {
   return fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)})

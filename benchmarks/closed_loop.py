@@ -101,7 +101,6 @@ def run(args: argparse.Namespace) -> dict:
     os.environ["FACEMINE_GATE__PATIENCE"] = str(args.patience)
     from flows.loop import closed_loop, embed_and_cluster
     from flows.mine import mine
-    from flows.runtime import settings_payload
     from flows.train import retrain
     from pipeline.config import TrainConfig
     from storage import registry
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     sface = store.current_model()
     rows, candidates = [], []
     if args.recipes:
-        export = export_dataset(store, "recipes", settings.export, run_id=embed_and_cluster(settings_payload(settings)))
+        export = export_dataset(store, "recipes", settings.export, run_id=embed_and_cluster(settings))
         for recipe in args.recipes:
             with measured() as training:
                 result = retrain(config=config(recipe), export_id=export["export_id"], promote=False)

@@ -23,7 +23,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.measure import measured  # noqa: E402
 from flows.mine import mine_paths, shard_paths  # noqa: E402
-from flows.runtime import settings_payload  # noqa: E402
 from pipeline.cluster import cluster  # noqa: E402
 from pipeline.config import ClusterConfig  # noqa: E402
 from pipeline.evaluate import clustering_metrics  # noqa: E402
@@ -49,9 +48,8 @@ def mined_store(name: str) -> Store:
     store = Store(settings)
     labels = pd.read_csv(DATA / name / "labels.csv")
     paths = [str((DATA / name / p).resolve()) for p in labels.path]
-    payload = settings_payload(settings)
     for shard in shard_paths(paths, settings.mine.shard_size):
-        mine_paths(name, shard, payload)  # photos already stored are skipped
+        mine_paths(name, shard, settings)  # photos already stored are skipped
     return store
 
 

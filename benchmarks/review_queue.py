@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.cluster_quality import DATA, RESULTS  # noqa: E402
 from flows.mine import mine_paths, shard_paths  # noqa: E402
-from flows.runtime import settings_payload  # noqa: E402
 from labeling.queue import MERGE, MIXED, rank_items  # noqa: E402
 from pipeline.cluster import cluster_faces, identity_centroids  # noqa: E402
 from pipeline.config import ClusterConfig, QueueConfig  # noqa: E402
@@ -69,10 +68,9 @@ def cached_embeddings(name: str, photos: int) -> tuple[np.ndarray, np.ndarray]:
     path = RESULTS / f"review_queue-{name}-{photos or 'all'}.npz"
     if not path.exists():
         store = Store(Settings(data_dir=RESULTS / f"store-{name}"))  # the store cluster_quality.py fills
-        payload = settings_payload(store.settings)
         paths = people_sample(name, photos)
         for shard in shard_paths(paths, MINE_SHARD):
-            mine_paths(name, shard, payload)  # photos already stored are skipped
+            mine_paths(name, shard, store.settings)  # photos already stored are skipped
         labels = pd.read_csv(DATA / name / "labels.csv")
         labels["source_path"] = [str((DATA / name / p).resolve()) for p in labels.path]
         faces = identity_store.face_table(store)

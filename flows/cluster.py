@@ -12,7 +12,6 @@ from pydantic import Field
 from flows.artifacts import clustering_artifact
 from flows.embed import embed
 from flows.mine import MineSummary, mine
-from flows.runtime import settings_from, settings_payload, store_for
 from pipeline.cluster import CLUSTERERS, cluster_faces
 from pipeline.dedup import find_duplicates, find_outliers
 from pipeline.errors import FacemineError
@@ -22,6 +21,7 @@ from storage import registry
 from storage.decisions import load_review_state
 from storage.settings import Settings, SubsetName
 from storage.store import Store
+from usecases.runtime import store_for
 
 
 def _previous_assignment(store: Store) -> dict[int, int]:
@@ -113,8 +113,8 @@ def _dedup(faces: pd.DataFrame, vectors: np.ndarray, identity: np.ndarray, setti
 
 
 @task(name="cluster-identities")
-def cluster_task(payload: str, subsets: list[str], method: str | None) -> int:
-    return run_cluster(store_for(payload), settings_from(payload), subsets or None, method)
+def cluster_task(settings: Settings, subsets: list[str], method: str | None) -> int:
+    return run_cluster(store_for(settings), settings, subsets or None, method)
 
 
 @flow(name="cluster")
@@ -124,10 +124,9 @@ def cluster(
 ) -> dict:
     """Embed faces the current model has not seen, then cluster them into identities."""
     settings = Settings()
-    payload = settings_payload(settings)
     embed()
-    run_id = cluster_task(payload, subsets or [], method)
-    info = identity_store.run_info(store_for(payload), run_id)
+    run_id = cluster_task(settings, subsets or [], method)
+    info = identity_store.run_info(store_for(settings), run_id)
     get_run_logger().info("clustering run %d: %s", run_id, info["stats"])
     clustering_artifact(info)
     return {"run_id": run_id, **info["stats"]}

@@ -12,13 +12,14 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu import gpu_slot
-from flows.runtime import inference_embedder, retry_unless_user_error, settings_from, settings_payload, store_for
+from flows.runtime import retry_unless_user_error
 from pipeline.embed import Embedder
 from pipeline.ingest import ImageRejected
 from pipeline.mining import realign_faces
 from storage.identities import face_table
 from storage.settings import Settings
 from storage.store import ModelInfo, Store
+from usecases.runtime import inference_embedder, store_for
 
 
 def _chips_for(store: Store, settings: Settings, rows, template: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
@@ -51,8 +52,8 @@ def embed_faces(store: Store, settings: Settings, model: ModelInfo, embedder: Em
 
 
 @task(name="embed-shard", retry_condition_fn=retry_unless_user_error)
-def embed_shard(payload: str, model_id: int, face_ids: list[int]) -> int:
-    settings, store = settings_from(payload), store_for(payload)
+def embed_shard(settings: Settings, model_id: int, face_ids: list[int]) -> int:
+    store = store_for(settings)
     model = store.model(model_id)
     embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
     with gpu_slot():
@@ -63,8 +64,7 @@ def embed_shard(payload: str, model_id: int, face_ids: list[int]) -> int:
 def embed(model_id: int | None = None) -> int:
     """Embed every face that lacks an embedding from `model_id` (default: the current model)."""
     settings = Settings()
-    payload = settings_payload(settings)
-    store = store_for(payload)
+    store = store_for(settings)
     model = store.model(model_id) if model_id else store.current_model()
     if model is None:
         get_run_logger().info("no model registered yet: nothing to embed")
@@ -72,7 +72,7 @@ def embed(model_id: int | None = None) -> int:
     missing = store.faces_without_embedding(model.id)
     size = settings.mine.shard_size
     shard_task = embed_shard.with_options(retries=settings.mine.task_retries)
-    futures = [shard_task.submit(payload, model.id, missing[i : i + size]) for i in range(0, len(missing), size)]
+    futures = [shard_task.submit(settings, model.id, missing[i : i + size]) for i in range(0, len(missing), size)]
     added = sum(future.result() for future in futures)
     get_run_logger().info("embedded %d faces with model %s", added, model.name)
     return added

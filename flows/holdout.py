@@ -26,7 +26,6 @@ from PIL import Image
 
 from flows.evaluate import read_truth
 from flows.gpu import gpu_slot
-from flows.runtime import inference_embedder, settings_from, store_for
 from pipeline.calibration import calibrate
 from pipeline.config import GateConfig
 from pipeline.detect import FaceDetector
@@ -47,6 +46,7 @@ from storage import registry
 from storage.holdout import HoldoutCache, holdout_key, read_pairs
 from storage.settings import Settings
 from storage.store import Store
+from usecases.runtime import inference_embedder, store_for
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,13 @@ def holdout_chips(holdout: Holdout, template: str, settings: Settings) -> np.nda
     return chips
 
 
-def holdout_metrics(payload: str, model_id: int, holdout: Holdout, floor: float) -> dict:
+def holdout_metrics(settings: Settings, model_id: int, holdout: Holdout, floor: float) -> dict:
     """Held-out metrics of a stored model on configured photos: verification_* on the pairs,
     clustering_* on the labels at the model's calibrated `floor`.
 
     Stored with the model and reused while the held-out data, scoring settings and floor stay the same.
     """
-    settings, store = settings_from(payload), store_for(payload)
+    store = store_for(settings)
     key = hashlib.sha256(f"{evaluation_key(holdout, settings)}:{floor:.4f}".encode()).hexdigest()[:24]
     stored = registry.model_record(store, model_id)["metrics"]
     if stored.get("holdout") == key:
@@ -238,8 +238,8 @@ def _read_chips(paths: list[Path]) -> np.ndarray:
     return np.stack(chips)
 
 
-def _embed_chip_files(payload: str, model_id: int, paths: list[Path]) -> np.ndarray:
-    settings, store = settings_from(payload), store_for(payload)
+def _embed_chip_files(settings: Settings, model_id: int, paths: list[Path]) -> np.ndarray:
+    store = store_for(settings)
     model = store.model(model_id)
     embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
     with gpu_slot():
@@ -257,30 +257,29 @@ def calibration_sample(
     return rows
 
 
-def calibrate_model(payload: str, model_id: int, sample: list[tuple[Path, str]]) -> dict:
+def calibrate_model(settings: Settings, model_id: int, sample: list[tuple[Path, str]]) -> dict:
     """The model's operating points on these chips (pairs within one pseudo-identity left out);
     stored on its row (`metrics["calibration"]`)."""
-    vectors = _embed_chip_files(payload, model_id, [path for path, _ in sample])
+    vectors = _embed_chip_files(settings, model_id, [path for path, _ in sample])
     calibration = calibrate(vectors, np.array([label for _, label in sample]))
-    registry.update_model_metrics(store_for(payload), model_id, {"calibration": calibration})
+    registry.update_model_metrics(store_for(settings), model_id, {"calibration": calibration})
     return calibration
 
 
 def judge_metrics(
-    payload: str, model_id: int, judge: Judge, export_samples: dict[str, list[tuple[Path, str]]]
+    settings: Settings, model_id: int, judge: Judge, export_samples: dict[str, list[tuple[Path, str]]]
 ) -> dict:
     """Calibrate the model on the export's (unlabelled) chips, then score it on the held-out people
     at its own floor. Returns verification_*, clustering_* and the calibration under `calibration`."""
-    settings = settings_from(payload)
     gate = settings.gate
-    calibration = calibrate_model(payload, model_id, calibration_sample(export_samples, gate.calibration_faces))
+    calibration = calibrate_model(settings, model_id, calibration_sample(export_samples, gate.calibration_faces))
     floor = calibration["cluster_min_similarity"]
     if judge.source == CONFIGURED:
-        metrics = holdout_metrics(payload, model_id, load_holdout(settings, judge.pairs_csv, judge.truth_csv), floor)
+        metrics = holdout_metrics(settings, model_id, load_holdout(settings, judge.pairs_csv, judge.truth_csv), floor)
     else:
         held_out = set(judge.identities)
         rows = [(path, label) for split in export_samples.values() for path, label in split if label in held_out]
-        vectors = _embed_chip_files(payload, model_id, [path for path, _ in rows])
+        vectors = _embed_chip_files(settings, model_id, [path for path, _ in rows])
         metrics = identity_holdout_metrics(
             vectors, np.array([label for _, label in rows]), floor, settings.cluster, gate.holdout_max_pairs
         )

@@ -27,7 +27,6 @@ from pydantic import Field
 from flows.cluster import run_cluster
 from flows.export import export
 from flows.embed import embed
-from flows.runtime import settings_from, settings_payload, store_for
 from flows.train import retrain
 from pipeline.config import TrainConfig
 from pipeline.gate import label_churn, should_stop
@@ -35,18 +34,19 @@ from storage import identities as identity_store
 from storage import registry
 from storage.settings import Settings
 from storage.store import Store
+from usecases.runtime import store_for
 
 
-# Never cached: the same payload clusters again after every promotion.
+# Never cached: the same settings cluster again after every promotion.
 @task(name="cluster-identities", cache_policy=NO_CACHE)
-def cluster_current_model(payload: str) -> int:
-    return run_cluster(store_for(payload), settings_from(payload))
+def cluster_current_model(settings: Settings) -> int:
+    return run_cluster(store_for(settings), settings)
 
 
-def embed_and_cluster(payload: str) -> int:
+def embed_and_cluster(settings: Settings) -> int:
     """Embed faces the current model has not seen, then cluster them; the clustering run's id."""
     embed()
-    return cluster_current_model(payload)
+    return cluster_current_model(settings)
 
 
 def run_labels(store: Store, run_id: int) -> dict[int, int | None]:
@@ -80,11 +80,10 @@ def closed_loop(
         export_name: Name of each round's dataset export.
     """
     settings = Settings()
-    payload = settings_payload(settings)
-    store = store_for(payload)
+    store = store_for(settings)
     logger = get_run_logger()
     seconds: dict[str, float] = {}
-    run_id = _timed("embed_cluster", seconds, embed_and_cluster, payload)
+    run_id = _timed("embed_cluster", seconds, embed_and_cluster, settings)
     first = registry.next_loop_iteration(store, loop_name)
     history: list[dict] = []
     stop_reason = ""
@@ -99,7 +98,7 @@ def closed_loop(
         before = after = identity_store.run_info(store, run_id)
         churn = None
         if trained["promoted"]:
-            new_run_id = _timed("reembed_cluster", seconds, embed_and_cluster, payload)
+            new_run_id = _timed("reembed_cluster", seconds, embed_and_cluster, settings)
             churn = label_churn(run_labels(store, run_id), run_labels(store, new_run_id))
             run_id, after = new_run_id, identity_store.run_info(store, new_run_id)
         entry = {

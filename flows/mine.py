@@ -15,7 +15,7 @@ from pydantic import Field
 from flows import progress
 from flows.artifacts import mine_artifacts
 from flows.gpu import gpu_slot
-from flows.runtime import miner_for, retry_unless_user_error, settings_from, settings_payload, store_for
+from flows.runtime import retry_unless_user_error
 from pipeline.device import available_cores, limit_cpu_threads, resolve_device
 from pipeline.hashing import file_sha256
 from pipeline.ingest import FoundFile, path_key, walk_photos
@@ -23,6 +23,7 @@ from pipeline.mining import PhotoRecord
 from pipeline.quality import report_from_reasons
 from storage.settings import Settings, SubsetName
 from storage.store import ShardWriteSummary
+from usecases.runtime import miner_for, store_for
 
 
 class MineSummary(ShardWriteSummary):
@@ -43,18 +44,18 @@ def _content_hashes(paths: list[str]) -> dict[str, str]:
     return hashes
 
 
-def mine_paths(subset: str, paths: list[str], payload: str, rejected: Sequence[FoundFile] = ()) -> dict:
+def mine_paths(subset: str, paths: list[str], settings: Settings, rejected: Sequence[FoundFile] = ()) -> dict:
     """One shard, plain Python: mine only photos whose content the store lacks (a content already
     stored, under any path or subset, is only recorded as seen here), store all in one transaction.
 
     `paths` open the files; the store names them by `path_key` (printable whatever bytes a name
     holds). `rejected` are files the walk could not offer (FIFOs, broken links, unlistable
     folders): stored with their reason, so every offered file ends as a record."""
-    store = store_for(payload)
+    store = store_for(settings)
     hashes = _content_hashes(paths)
     known = store.known_contents(hashes)
     todo = [path for path in paths if path_key(path) not in known]
-    miner, model = miner_for(payload)
+    miner, model = miner_for(settings)
     part, stored_already = paths[0] if paths else "", len(paths) - len(todo)
     progress.update("mine", part, stored_already)
     mined = miner.process(todo, on_detected=lambda detected: progress.update("mine", part, stored_already + detected))
@@ -68,9 +69,9 @@ def mine_paths(subset: str, paths: list[str], payload: str, rejected: Sequence[F
 
 
 @task(name="mine-shard", retry_condition_fn=retry_unless_user_error)
-def mine_shard(subset: str, paths: list[str], payload: str, rejected: Sequence[FoundFile] = ()) -> dict:
+def mine_shard(subset: str, paths: list[str], settings: Settings, rejected: Sequence[FoundFile] = ()) -> dict:
     with gpu_slot():
-        return mine_paths(subset, paths, payload, rejected)
+        return mine_paths(subset, paths, settings, rejected)
 
 
 # With several workers, shards shrink (down to this size) so that each worker gets about
@@ -120,8 +121,6 @@ def mine(
     """Mine photo folders into the store; only new or changed photos are processed."""
     started = time.perf_counter()
     settings = Settings()
-    payload = settings_payload(settings)
-    settings_from(payload)  # validate once, up front
     # The store's own folder (chips, exports) is never mined, wherever the folders are.
     found = list(walk_photos(folders, settings.ingest.extensions, excluded=[settings.data_dir]))
     paths = [file.path for file in found if file.status is None]
@@ -143,7 +142,7 @@ def mine(
         shard_rejected = [rejected] + [[]] * (len(shards) - 1)
         futures = [
             runner.submit(
-                shard_task, {"subset": subset, "paths": shard, "payload": payload, "rejected": shard_rejections}
+                shard_task, {"subset": subset, "paths": shard, "settings": settings, "rejected": shard_rejections}
             )
             for shard, shard_rejections in zip(shards, shard_rejected)
         ]

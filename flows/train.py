@@ -23,13 +23,13 @@ from pydantic import Field
 
 from flows.gpu import gpu_slot
 from flows.holdout import Judge, choose_judge, judge_metrics, training_samples
-from flows.runtime import current_embedder, load_embedder, settings_from, settings_payload, store_for
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
 from pipeline.gate import GateVerdict, judge
 from pipeline.train import filter_pseudo_labels, train_embedder
 from storage import registry
 from storage.settings import Settings
+from usecases.runtime import current_embedder, load_embedder, store_for
 
 EXPORT_VAL_PREFIX = "export_val_"
 
@@ -40,11 +40,11 @@ def training_folder(settings: Settings, training_run_id: int) -> Path:
 
 @task(name="train-embedder")
 def train_task(
-    payload: str, training_run_id: int, base_model_id: int, export_path: str, held_out: list[str], config: TrainConfig
+    settings: Settings, training_run_id: int, base_model_id: int, export_path: str, held_out: list[str], config: TrainConfig
 ) -> dict:
     """Fine-tune the base model on an export's train split, validating on its val split, both
     without the `held_out` identities (they judge the gate)."""
-    settings, store = settings_from(payload), store_for(payload)
+    store = store_for(settings)
     base = store.model(base_model_id)
     embedder = load_embedder(base.kind, base.weights_path, settings.embed.device)
     samples = training_samples(registry.export_samples(export_path), held_out)
@@ -68,8 +68,8 @@ def train_task(
 
 
 @task(name="register-candidate")
-def register_task(payload: str, checkpoint: str, parent_id: int, training_run_id: int) -> int:
-    settings, store = settings_from(payload), store_for(payload)
+def register_task(settings: Settings, checkpoint: str, parent_id: int, training_run_id: int) -> int:
+    store = store_for(settings)
     embedder = load_embedder("checkpoint", checkpoint, settings.embed.device)
     model = store.register_model(
         name=f"{embedder.kind}-run{training_run_id}",
@@ -85,8 +85,8 @@ def register_task(payload: str, checkpoint: str, parent_id: int, training_run_id
 
 
 @task(name="evaluate-model")
-def evaluate_task(payload: str, model_id: int, judged_by: Judge, export_path: str) -> dict:
-    return judge_metrics(payload, model_id, judged_by, registry.export_samples(export_path))
+def evaluate_task(settings: Settings, model_id: int, judged_by: Judge, export_path: str) -> dict:
+    return judge_metrics(settings, model_id, judged_by, registry.export_samples(export_path))
 
 
 # Rows of the gate's artifact: the measures both models are judged on, then their operating points.
@@ -137,14 +137,13 @@ def retrain(
         validation_pairs: Held-out pairs CSV (path_a, path_b, same); empty: settings' gate.validation_pairs.
     """
     settings = Settings()
-    payload = settings_payload(settings)
-    store = store_for(payload)
+    store = store_for(settings)
     gate = settings.gate
     pairs_csv = str(Path(validation_pairs).resolve()) if validation_pairs else gate.validation_pairs
     export = registry.pick_export(store, export_id)
     # Before training: a run nothing could judge fails now, not after minutes of training.
     judged_by = choose_judge(store, registry.export_samples(export["path"]), gate, pairs_csv)
-    _, base = current_embedder(payload)
+    _, base = current_embedder(settings)
     params = {
         "train_config": config.model_dump(),
         "export": export,
@@ -161,13 +160,13 @@ def retrain(
                 run_id, base.name, export["name"], export["version"], judged_by.description)
     try:
         started = time.perf_counter()
-        trained = train_task(payload, run_id, base.id, export["path"], list(judged_by.identities), config)
+        trained = train_task(settings, run_id, base.id, export["path"], list(judged_by.identities), config)
         train_seconds = time.perf_counter() - started
-        model_id = register_task(payload, trained["checkpoint"], base.id, run_id)
+        model_id = register_task(settings, trained["checkpoint"], base.id, run_id)
         started = time.perf_counter()
-        current = evaluate_task(payload, base.id, judged_by, export["path"]) | _export_val(trained["baseline"])
+        current = evaluate_task(settings, base.id, judged_by, export["path"]) | _export_val(trained["baseline"])
         last_epoch = trained["history"][-1]
-        candidate = evaluate_task(payload, model_id, judged_by, export["path"]) | _export_val(last_epoch)
+        candidate = evaluate_task(settings, model_id, judged_by, export["path"]) | _export_val(last_epoch)
         evaluate_seconds = time.perf_counter() - started
         registry.update_model_metrics(store, model_id, candidate)
         verdict = judge(candidate, current, gate)

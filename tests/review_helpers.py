@@ -35,9 +35,8 @@ def lfw_paths(people: Sequence[str] = PEOPLE, per_person: int = PHOTOS_PER_PERSO
 
 def mine_into(data_dir: Path, paths: list[str]) -> None:
     from flows.mine import mine_paths
-    from flows.runtime import settings_payload
 
-    summary = mine_paths(SUBSET, paths, settings_payload(Settings(data_dir=data_dir)))
+    summary = mine_paths(SUBSET, paths, Settings(data_dir=data_dir))
     assert summary["photos_new"] == len(paths), summary
 
 

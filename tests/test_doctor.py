@@ -14,7 +14,6 @@ from sqlalchemy import select
 
 from facemine_cli import main
 from flows.mine import mine_paths
-from flows.runtime import settings_payload
 from storage.files import ChipStore
 from storage.identities import face_table
 from storage.maintenance import DEFAULT_GRACE_SECONDS, doctor
@@ -51,7 +50,7 @@ def test_chip_put_claims_an_existing_chip_again(tmp_path):
 def test_doctor_reports_and_fixes_each_kind_exactly(tmp_path, monkeypatch):
     data = tmp_path / "data"
     monkeypatch.setenv("FACEMINE_DATA_DIR", str(data))
-    payload = settings_payload(Settings(data_dir=data))
+    settings = Settings(data_dir=data)
     photos = tmp_path / "photos"
     photos.mkdir()
     sources = lfw_paths(("Hans_Blix",), per_person=4)
@@ -59,8 +58,8 @@ def test_doctor_reports_and_fixes_each_kind_exactly(tmp_path, monkeypatch):
         shutil.copy(source, photos)
     paths = sorted(str(p) for p in photos.iterdir())
     first, lone = paths[:3], paths[3]
-    mine_paths("s", first, payload)
-    mine_paths("s", [lone], payload)  # a shard of its own, whose files go missing below
+    mine_paths("s", first, settings)
+    mine_paths("s", [lone], settings)  # a shard of its own, whose files go missing below
     store = Store(Settings(data_dir=data))
     faces = face_table(store)
     face_of = {path: sorted(group.face_id.astype(int)) for path, group in faces.groupby("source_path")}
@@ -72,7 +71,7 @@ def test_doctor_reports_and_fixes_each_kind_exactly(tmp_path, monkeypatch):
     # A dead vector: the changed photo's new face replaces its old one, whose vector stays in shard 1.
     changed = first[2]
     PILImage.open(changed).save(changed, quality=50)
-    mine_paths("s", first, payload)
+    mine_paths("s", first, settings)
     replaced_chips = sorted(faces[faces.source_path == changed].chip_path)
     for chip in replaced_chips:  # the replaced faces' chips, as a mine long ago left them
         age(data / chip)
@@ -150,7 +149,7 @@ def test_fix_beside_a_running_mine_keeps_the_chips_it_is_about_to_commit(tmp_pat
     chips are those files. `doctor --fix` runs between the run's chip writes and its commit."""
     photo = lfw_paths(("Serena_Williams",), per_person=1)
     earlier, data = tmp_path / "earlier", tmp_path / "data"
-    mine_paths("s", photo, settings_payload(Settings(data_dir=earlier)))
+    mine_paths("s", photo, Settings(data_dir=earlier))
     for chip in (earlier / "chips").rglob("*.png"):
         target = data / chip.relative_to(earlier)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +165,7 @@ def test_fix_beside_a_running_mine_keeps_the_chips_it_is_about_to_commit(tmp_pat
         return relative
 
     monkeypatch.setattr(ChipStore, "put", put_then_doctor)
-    mine_paths("s", photo, settings_payload(Settings(data_dir=data)))
+    mine_paths("s", photo, Settings(data_dir=data))
     monkeypatch.undo()
     faces = face_table(store)
     assert len(fixes) == len(faces) >= 1

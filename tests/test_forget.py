@@ -18,7 +18,6 @@ import flows
 from facemine_cli import main
 from flows.cluster import run_cluster
 from flows.mine import mine_paths
-from flows.runtime import settings_payload
 from labeling.actions import Labeler
 from pipeline.config import ExportConfig
 from storage.exports import export_dataset
@@ -52,7 +51,7 @@ def mined(tmp_path, monkeypatch):
     data = tmp_path / "data"
     monkeypatch.setenv("FACEMINE_DATA_DIR", str(data))
     settings = Settings(data_dir=data)
-    mine_paths("lfw", lfw_paths(PEOPLE, per_person=3), settings_payload(settings))
+    mine_paths("lfw", lfw_paths(PEOPLE, per_person=3), settings)
     store = Store(settings)
     run_cluster(store, settings)
     return store
@@ -191,14 +190,14 @@ def test_no_flow_or_task_persists_its_results():
 def test_decision_payloads_lose_every_reference_to_forgotten_faces():
     from storage.maintenance import _without_faces
 
-    payload = {
+    settings = {
         "faces": [1, 2, 3],
         "before": {"assignments": [[1, 5, 1.0, "cluster"], [3, 5, 0.9, "cluster"]], "created_identities": [1]},
         "orphaned_faces": [2, 4],
         "constraints": [{"face_a": 4, "face_b": 2}, {"face_a": 4, "face_b": None, "identity_id": 1}],
         "details": {"identity": 2},
     }
-    assert _without_faces(payload, {1, 2}) == {
+    assert _without_faces(settings, {1, 2}) == {
         "faces": [3],
         "before": {"assignments": [[3, 5, 0.9, "cluster"]], "created_identities": [1]},
         "orphaned_faces": [4],

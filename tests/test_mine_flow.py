@@ -196,23 +196,21 @@ def _image_count(data_dir: Path) -> int:
         return 0
 
 
-def _mine_in_process(payload: str, paths: list[str]) -> None:
+def _mine_in_process(settings: Settings, paths: list[str]) -> None:
     from flows.mine import mine_paths
 
-    mine_paths("c", paths, payload)
+    mine_paths("c", paths, settings)
 
 
 def assert_concurrent_runs_create_no_duplicates(settings: Settings) -> None:
     """Two processes mine overlapping photos into one store at the same time (also used for PostgreSQL)."""
-    from flows.runtime import settings_payload
 
     photos = [str(p) for p in lfw_photos(12, start=2000)]
     Store(settings)  # schema first, as any run would
-    payload = settings_payload(settings)
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_mine_in_process, args=(payload, photos[:8])),
-        context.Process(target=_mine_in_process, args=(payload, photos[4:])),
+        context.Process(target=_mine_in_process, args=(settings, photos[:8])),
+        context.Process(target=_mine_in_process, args=(settings, photos[4:])),
     ]
     for worker in workers:
         worker.start()

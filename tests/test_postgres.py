@@ -109,13 +109,11 @@ def test_migrations_create_exactly_the_models_schema(tmp_path, postgres_url):
 
 def test_mined_shard_is_stored_once(tmp_path, postgres_url):
     from flows.mine import mine_paths
-    from flows.runtime import settings_payload
 
     settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
-    payload = settings_payload(settings)
     photos = [str(p) for p in lfw_photos(6, start=3000)]
 
-    first = mine_paths("pg", photos, payload)
+    first = mine_paths("pg", photos, settings)
     rows = stored_rows(settings.data_dir, postgres_url)
     assert first["photos_new"] == 6 and first["faces_found"] >= 6  # every LFW photo shows a face
     assert sorted(rows.path.unique()) == sorted(photos)
@@ -123,7 +121,7 @@ def test_mined_shard_is_stored_once(tmp_path, postgres_url):
     counts = {(c["what"], c["reason"]): c["count"] for c in Store(settings).status_counts() if c["subset"] == "pg"}
     assert counts[("photos ok", "")] == 6
 
-    again = mine_paths("pg", photos, payload)
+    again = mine_paths("pg", photos, settings)
     assert (again["photos_new"], again["photos_unchanged"], again["faces_found"]) == (0, 6, 0)
     assert_same_rows(rows, stored_rows(settings.data_dir, postgres_url))
 
@@ -145,11 +143,11 @@ def _wait_for_lock_waiter(url: str, seconds: float = 120.0) -> bool:
 
 
 def test_shard_writes_in_flight_together_store_each_photo_once(tmp_path, postgres_url, monkeypatch):
-    from flows.runtime import miner_for, settings_payload
+    from usecases.runtime import miner_for
 
     settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
     store = Store(settings)
-    miner, model = miner_for(settings_payload(settings))
+    miner, model = miner_for(settings)
     records = miner.process([str(p) for p in lfw_photos(4, start=3100)])
     overlapped = []
     add_shard = Store._add_shard

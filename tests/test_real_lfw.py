@@ -17,7 +17,6 @@ from torchvision.datasets import ImageFolder
 from conftest import DATA
 from flows.evaluate import evaluate_run
 from flows.mine import mine_paths, shard_paths
-from flows.runtime import settings_payload
 from storage import identities as identity_store
 from storage.exports import export_dataset
 from storage.settings import Settings
@@ -32,10 +31,9 @@ SFACE_SAME_PERSON_THRESHOLD = 0.363  # OpenCV's published cosine threshold for S
 @pytest.fixture(scope="module")
 def lfw_store(tmp_path_factory) -> Store:
     settings = Settings(data_dir=tmp_path_factory.mktemp("lfw") / "data")
-    payload = settings_payload(settings)
     paths = [str((LFW / p).resolve()) for p in pd.read_csv(LFW / "labels.csv").path]
     for shard in shard_paths(paths, settings.mine.shard_size):
-        mine_paths("lfw", shard, payload)
+        mine_paths("lfw", shard, settings)
     return Store(settings)
 
 

@@ -5,7 +5,6 @@ import pytest
 
 from conftest import DATA
 from flows.mine import mine_paths
-from flows.runtime import settings_payload
 from pipeline.config import IngestConfig
 from pipeline.ingest import iter_image_files
 from storage import identities as identity_store
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow
 def mine_folder(tmp_path, folder: str) -> Store:
     settings = Settings(data_dir=tmp_path / "data")
     paths = [str(p) for p in iter_image_files([DATA / "scenes" / folder], IngestConfig().extensions)]
-    mine_paths(folder, paths, settings_payload(settings))
+    mine_paths(folder, paths, settings)
     return Store(settings)
 
 

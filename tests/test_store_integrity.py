@@ -14,7 +14,6 @@ from conftest import DATA
 from facemine_cli import main
 from flows.cluster import run_cluster
 from flows.mine import mine_paths
-from flows.runtime import miner_for, settings_from, settings_payload
 from labeling.actions import Labeler
 from storage.decisions import load_review_state
 from storage.identities import assignments, face_table, largest_face_identity
@@ -22,6 +21,7 @@ from storage.schema import Base, Constraint, Decision, Face, Image, PhotoPath
 from storage.settings import Settings
 from storage.schema import ORPHANED
 from storage.store import Store
+from usecases.runtime import miner_for
 
 LFW = DATA / "lfw" / "images"
 
@@ -38,23 +38,23 @@ def copy_photos(folder: Path, photos: list[Path]) -> list[str]:
 
 
 @pytest.fixture
-def payload(tmp_path) -> str:
-    return settings_payload(Settings(data_dir=tmp_path / "facemine-data"))
+def settings(tmp_path) -> Settings:
+    return Settings(data_dir=tmp_path / "facemine-data")
 
 
-def test_changed_photo_reads_its_new_vector_not_an_old_copy(tmp_path, payload):
+def test_changed_photo_reads_its_new_vector_not_an_old_copy(tmp_path, settings):
     paths = copy_photos(tmp_path / "photos", lfw_photos(3, start=40))
-    mine_paths("s", paths, payload)
-    store = Store(settings_from(payload))
-    run_cluster(store, settings_from(payload))
+    mine_paths("s", paths, settings)
+    store = Store(settings)
+    run_cluster(store, settings)
     (old_face,) = store_face_ids(store, paths[-1])
     marked = Labeler(store, who="tester").not_a_face([old_face])
     last = paths[-1]  # its faces are the newest rows: deleting them frees the highest ids
     PILImage.open(last).save(last, quality=60)
-    miner, model = miner_for(payload)
+    miner, model = miner_for(settings)
     expected = miner.process([last])[0].faces
     assert len(expected) == 1
-    assert mine_paths("s", paths, payload)["photos_new"] == 1
+    assert mine_paths("s", paths, settings)["photos_new"] == 1
     (face_id,) = store_face_ids(store, last)
     assert face_id > old_face
     ids, vectors = store.load_embeddings(model.id, [face_id])
@@ -109,12 +109,12 @@ def test_deleted_newest_ids_are_never_handed_out_again(tmp_path):
     assert with_ids and [name for name in with_ids if "AUTOINCREMENT" not in tables[name]] == []
 
 
-def test_one_photo_one_set_of_faces_across_subsets_and_moves(tmp_path, payload, monkeypatch, capsys):
+def test_one_photo_one_set_of_faces_across_subsets_and_moves(tmp_path, settings, monkeypatch, capsys):
     folder = tmp_path / "album"
     paths = copy_photos(folder, sorted((LFW / "Aaron_Peirsol").glob("*.jpg")))  # one person: one identity
-    first = mine_paths("one", paths, payload)
-    again = mine_paths("two", paths, payload)
-    store, settings = Store(settings_from(payload)), settings_from(payload)
+    first = mine_paths("one", paths, settings)
+    again = mine_paths("two", paths, settings)
+    store = Store(settings)
     faces = face_table(store)
     assert first["photos_new"] == 4 and first["faces_found"] == len(faces) >= 4
     assert (again["photos_linked"], again["photos_new"], again["faces_found"]) == (4, 0, 0)
@@ -130,7 +130,7 @@ def test_one_photo_one_set_of_faces_across_subsets_and_moves(tmp_path, payload, 
 
     moved = tmp_path / "renamed-album"
     folder.rename(moved)
-    after_move = mine_paths("two", sorted(str(path) for path in moved.iterdir()), payload)
+    after_move = mine_paths("two", sorted(str(path) for path in moved.iterdir()), settings)
     assert (after_move["photos_linked"], after_move["photos_new"], after_move["faces_found"]) == (4, 0, 0)
     assert face_table(store).face_id.tolist() == faces.face_id.tolist()
     assert set(face_table(store).source_path) == {str(moved / Path(path).name) for path in paths}

@@ -1,0 +1,88 @@
+"""Per-process resources shared by the tasks of any run: store and loaded models.
+
+Functions take the typed `Settings` (picklable, so a task can run on another worker, e.g. a
+Dask worker through prefect-dask) and build what they need once per process; the caches are
+keyed by the settings' JSON because pydantic settings are not hashable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+from pipeline.embed import Embedder, create_embedder
+from pipeline.mining import Miner, build_miner
+from storage.settings import Settings
+from storage.store import ModelInfo, Store
+
+
+def store_for(settings: Settings) -> Store:
+    return _store(settings.model_dump_json())
+
+
+@lru_cache(maxsize=4)
+def _store(settings_json: str) -> Store:
+    return Store(Settings.model_validate_json(settings_json))
+
+
+@lru_cache(maxsize=4)
+def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
+    return create_embedder(kind, weights=weights, device=device)
+
+
+@lru_cache(maxsize=4)
+def inference_embedder(kind: str, weights: str | None, device: str) -> Embedder:
+    """`load_embedder`'s model sped up for embedding only (`Embedder.for_inference`); train the other."""
+    return load_embedder(kind, weights, device).for_inference()
+
+
+def register(
+    store: Store,
+    embedder: Embedder,
+    name: str | None = None,
+    parent_id: int | None = None,
+    training_run_id: int | None = None,
+) -> ModelInfo:
+    """Register (get-or-create by weights hash) an embedder; `kind` is its registry name, so
+    `load_embedder(model.kind, model.weights_path)` rebuilds it (a checkpoint included)."""
+    return store.register_model(
+        name=name or embedder.name,
+        kind=embedder.name,
+        weights_path=str(embedder.weights_path) if embedder.weights_path else None,
+        weights_hash=embedder.weights_hash,
+        embedding_dim=embedder.preprocessing.embedding_dim,
+        preprocessing=dataclasses.asdict(embedder.preprocessing),
+        parent_id=parent_id,
+        training_run_id=training_run_id,
+    )
+
+
+def current_embedder(settings: Settings) -> tuple[Embedder, ModelInfo]:
+    """The store's current model, or the configured default registered as the first model."""
+    store = store_for(settings)
+    current = store.current_model()
+    if current is not None:
+        return load_embedder(current.kind, current.weights_path, settings.embed.device), current
+    weights = settings.default_weights(settings.embed.model)
+    embedder = load_embedder(settings.embed.model, str(weights) if weights else None, settings.embed.device)
+    return embedder, register(store, embedder)
+
+
+def miner_for(settings: Settings) -> tuple[Miner, ModelInfo]:
+    """A miner around the current model (re-read each call: a promotion switches models)."""
+    _, model = current_embedder(settings)
+    return _miner(settings.model_dump_json(), model.kind, model.weights_path), model
+
+
+@lru_cache(maxsize=2)
+def _miner(settings_json: str, kind: str, weights: str | None) -> Miner:
+    settings = Settings.model_validate_json(settings_json)
+    embedder = inference_embedder(kind, weights, settings.embed.device)
+    return build_miner(
+        settings.ingest,
+        settings.detect,
+        settings.quality,
+        embedder,
+        embed_batch_size=settings.embed.batch_size,
+        flip_tta=settings.embed.flip_tta,
+        decode_workers=settings.mine.decode_workers,
+    )

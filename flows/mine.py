@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Annotated
 
-from prefect import flow, get_client, get_run_logger, task
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from prefect import flow, get_run_logger, task
 from pydantic import Field
 
 from flows import progress
 from flows.artifacts import mine_artifacts
 from flows.gpu import gpu_slot
+from flows.runners import task_runner
 from flows.runtime import retry_unless_user_error
-from pipeline.device import available_cores, limit_cpu_threads, resolve_device
+from pipeline.device import available_cores, resolve_device
 from pipeline.hashing import file_sha256
 from pipeline.ingest import FoundFile, path_key, walk_photos
 from pipeline.mining import PhotoRecord
@@ -93,25 +91,6 @@ def mine_workers(settings: Settings) -> int:
     return 1 if resolve_device(settings.embed.device).type == "cuda" else available_cores()
 
 
-@contextmanager
-def shard_runner(workers: int) -> Iterator[TaskRunner]:
-    """One worker mines in this process (its models stay loaded between runs); several get a
-    process each, with the cores shared out among their torch threads."""
-    if workers <= 1:
-        with ThreadPoolTaskRunner(max_workers=1) as runner:
-            yield runner
-        return
-    threads = max(1, available_cores() // workers)
-    # Workers must report to this flow's API. Prefect hands them its settings but not the
-    # address of an ephemeral (in-process) API, so each would start an API server of its own.
-    with get_client(sync_client=True) as client:
-        api_url = str(client.api_url).rstrip("/")
-    with temporary_settings({PREFECT_API_URL: api_url}), ProcessPoolTaskRunner(
-        max_workers=workers, initializer=limit_cpu_threads, initargs=(threads,)
-    ) as runner:
-        yield runner
-
-
 @flow(name="mine")
 def mine(
     folders: list[str],
@@ -138,7 +117,7 @@ def mine(
     total = ShardWriteSummary()
     quality_reasons: list[list[str]] = []
     progress.start("mine", len(found))
-    with shard_runner(workers) as runner:
+    with task_runner(workers) as runner:
         shard_rejected = [rejected] + [[]] * (len(shards) - 1)
         futures = [
             runner.submit(

@@ -69,13 +69,15 @@ def _print_table(rows: list[dict], title: str | None = None) -> None:
 
 
 def _existing_paths(paths: list[str]) -> list[str]:
-    """Absolute folders as flow parameters: `path_key`s, text that any API can carry."""
+    """Absolute folders as flow parameters: `path_key`s, text that any API can carry; URLs
+    (s3://bucket/photos) as given, checked by the flow's walk."""
+    from pipeline.hashing import is_url
     from pipeline.ingest import path_key
 
-    missing = [path for path in paths if not Path(path).exists()]
+    missing = [path for path in paths if not is_url(path) and not Path(path).exists()]
     if missing:
         raise FacemineError(f"folder not found: {path_key(missing[0])}")
-    return [path_key(Path(path).resolve()) for path in paths]
+    return [path if is_url(path) else path_key(Path(path).resolve()) for path in paths]
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
@@ -141,7 +143,7 @@ def _store():  # noqa: ANN202 - storage.store.Store, imported lazily to keep --h
 def cmd_cluster(args: argparse.Namespace) -> int:
     from flows.cluster import cluster
 
-    result = cluster(subsets=args.subset or None, method=args.method)
+    result = cluster(subsets=args.subset or None, method=args.method, workers=args.workers)
     _print_table([{"": key, "value": value} for key, value in result.items()], title="clustering run")
     return 0
 
@@ -181,7 +183,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flows.evaluate import evaluate_run
+    from usecases.evaluation import evaluate_run
 
     store = _store()
     result = evaluate_run(store, args.truth, run_id=_clustering_run(store, args.run))
@@ -252,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_loop(name: str, plot: Path | None = None) -> None:
-    from flows.loop import loop_table, plot_loop
+    from usecases.loop import loop_table, plot_loop
 
     table = loop_table(_store(), name)
     if table.empty:
@@ -365,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--subset", type=subset_name, action="append",
                          help="only these subsets (repeatable); default all")
     cluster.add_argument("--method", default=None, help="infomap (default), components, hac, dbscan, hdbscan")
+    cluster.add_argument("--workers", type=positive_int, default=1,
+                         help="subsets clustered side by side, a process each (default 1; on Dask its workers)")
     cluster.set_defaults(handler=cmd_cluster)
 
     identities = commands.add_parser("identities", help="identities of a clustering run: sizes, names, confidence")

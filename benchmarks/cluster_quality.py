@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.measure import measured  # noqa: E402
-from flows.mine import mine_paths, shard_paths  # noqa: E402
+from usecases.mining import mine_paths, shard_paths  # noqa: E402
 from pipeline.cluster import cluster  # noqa: E402
 from pipeline.config import ClusterConfig  # noqa: E402
 from pipeline.evaluate import clustering_metrics  # noqa: E402

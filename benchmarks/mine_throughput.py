@@ -4,7 +4,7 @@ Both sides run in their own subprocess (so each one's peak memory is its own) ov
 photos, on the same device:
 - facemine: the full `mine` flow with default settings (ingest with EXIF/format handling,
   batched MTCNN, alignment, quality, batched embedding, chips and embeddings written to a fresh
-  store; on a CPU one worker process per core);
+  store; on a CPU one process detecting and embedding on a thread per core);
 - naive: MTCNN (its defaults) on each photo, align and embed each face one at a time, nothing stored.
 Each side's one-off start (loading models; for facemine also Prefect's ephemeral API and its
 database) is timed apart from mining, and both speed-ups are printed. Peak memory sums every

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.cluster_quality import DATA, RESULTS  # noqa: E402
-from flows.mine import mine_paths, shard_paths  # noqa: E402
+from usecases.mining import mine_paths, shard_paths  # noqa: E402
 from labeling.queue import MERGE, MIXED, rank_items  # noqa: E402
 from pipeline.cluster import cluster_faces, identity_centroids  # noqa: E402
 from pipeline.config import ClusterConfig, QueueConfig  # noqa: E402

@@ -1,66 +1,25 @@
-"""Prefect flow `embed`: give every stored face an embedding from one model (incremental).
-
-Used after a model change (the closed loop's promoted model): chips aligned to another
-template are re-cut from the original photos with the stored landmarks; detection is not repeated.
-"""
+"""Prefect flow `embed`: give every stored face an embedding from one model (incremental),
+after a model change (the closed loop's promoted model); the work is `usecases.embedding`."""
 from __future__ import annotations
 
-from collections import defaultdict
-
-import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.gpu import gpu_slot
+from flows.runners import task_runner
 from flows.runtime import retry_unless_user_error
-from pipeline.embed import Embedder
-from pipeline.ingest import ImageRejected
-from pipeline.mining import realign_faces
-from storage.identities import face_table
 from storage.settings import Settings
-from storage.store import ModelInfo, Store
-from usecases.runtime import inference_embedder, store_for
-
-
-def _chips_for(store: Store, settings: Settings, rows, template: str) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """(face ids, chips) for face rows; faces whose photo can no longer be read are left out."""
-    stored = rows[rows.chip_template == template]
-    ids = stored.face_id.to_numpy().tolist()
-    chips = [store.chips.get(path) for path in stored.chip_path]
-    by_photo: dict[str, list] = defaultdict(list)
-    for row in rows[rows.chip_template != template].itertuples(index=False):
-        by_photo[row.source_path].append(row)
-    for path, faces in by_photo.items():
-        try:
-            cut = realign_faces(path, [face.landmarks for face in faces], template, settings.ingest)
-        except ImageRejected:
-            continue
-        ids.extend(face.face_id for face in faces)
-        chips.extend(cut)
-    return np.asarray(ids, np.int64), (np.stack(chips) if chips else np.zeros((0, 1, 1, 3), np.uint8))
-
-
-def embed_faces(store: Store, settings: Settings, model: ModelInfo, embedder: Embedder, face_ids: list[int]) -> int:
-    """Embed `face_ids` with `embedder` and store them under `model`; returns how many were added."""
-    rows = face_table(store)
-    rows = rows[rows.face_id.isin(face_ids)]
-    ids, chips = _chips_for(store, settings, rows, embedder.preprocessing.template)
-    if len(ids) == 0:
-        return 0
-    vectors = embedder.embed(chips, batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
-    return store.write_embeddings(model, ids, vectors)
+from usecases.embedding import embed_stored_faces
+from usecases.mining import mine_workers, shard_paths
+from usecases.runtime import store_for
 
 
 @task(name="embed-shard", retry_condition_fn=retry_unless_user_error)
 def embed_shard(settings: Settings, model_id: int, face_ids: list[int]) -> int:
-    store = store_for(settings)
-    model = store.model(model_id)
-    embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
     with gpu_slot():
-        return embed_faces(store, settings, model, embedder, face_ids)
+        return embed_stored_faces(settings, model_id, face_ids)
 
 
-@flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="embed")
 def embed(model_id: int | None = None) -> int:
     """Embed every face that lacks an embedding from `model_id` (default: the current model)."""
     settings = Settings()
@@ -70,9 +29,15 @@ def embed(model_id: int | None = None) -> int:
         get_run_logger().info("no model registered yet: nothing to embed")
         return 0
     missing = store.faces_without_embedding(model.id)
-    size = settings.mine.shard_size
+    # On this machine one in-process worker (its embedder stays loaded between runs); on Dask,
+    # shards spread over the cluster's workers.
+    workers = mine_workers(settings) if settings.execution.task_runner == "dask" else 1
     shard_task = embed_shard.with_options(retries=settings.mine.task_retries)
-    futures = [shard_task.submit(settings, model.id, missing[i : i + size]) for i in range(0, len(missing), size)]
-    added = sum(future.result() for future in futures)
+    with task_runner(settings, workers, gpu=True) as runner:
+        futures = [
+            runner.submit(shard_task, {"settings": settings, "model_id": model.id, "face_ids": shard})
+            for shard in shard_paths(missing, settings.mine.shard_size, workers)
+        ]
+        added = sum(future.result() for future in futures)
     get_run_logger().info("embedded %d faces with model %s", added, model.name)
     return added

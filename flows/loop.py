@@ -1,39 +1,23 @@
-"""Prefect flow `closed_loop`: mined faces → identities → dataset → better model → better identities.
+"""Prefect flow `closed_loop`: the loop of usecases.loop with its stages as subflows and tasks.
 
     cluster (embed with the current model first) ─▶ per iteration:
         export ─▶ retrain ─▶ gate ─▶ promoted? re-embed + re-cluster with the new model ─▶ churn
-
-Detection and alignment are never repeated: `flows.embed` re-embeds the stored chips (re-cut
-from stored landmarks when a model needs another template). A trained model clusters at its own
-calibrated floor (stored on its row by the gate, pipeline.calibration), never at a floor tuned for
-another model (`storage.registry.calibrated_cluster_config`). Review decisions hold because every clustering goes through
-`flows.cluster.run_cluster`, which obeys them. Each iteration is stored
-as a `LoopIteration` (metrics of current and candidate, identities, label churn, stage times);
-`loop_table` and `plot_loop` show them. The loop stops early when no model is promoted
-(settings.gate.patience iterations in a row) or when a promotion changes fewer than
-`min_churn` of the labels.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Annotated
 
-import pandas as pd
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
-from flows.cluster import run_cluster
-from flows.export import export
 from flows.embed import embed
+from flows.export import export
 from flows.train import retrain
 from pipeline.config import TrainConfig
-from pipeline.gate import label_churn, should_stop
-from storage import identities as identity_store
-from storage import registry
 from storage.settings import Settings
-from storage.store import Store
+from usecases.clustering import run_cluster
+from usecases.loop import LoopSteps, run_loop
 from usecases.runtime import store_for
 
 
@@ -47,19 +31,6 @@ def embed_and_cluster(settings: Settings) -> int:
     """Embed faces the current model has not seen, then cluster them; the clustering run's id."""
     embed()
     return cluster_current_model(settings)
-
-
-def run_labels(store: Store, run_id: int) -> dict[int, int | None]:
-    """face id -> identity id (None: unassigned) of a clustering run."""
-    table = identity_store.assignments(store, run_id)
-    return {int(face): None if pd.isna(identity) else int(identity) for face, identity in zip(table.face_id, table.identity_id)}
-
-
-def _timed(stage: str, seconds: dict[str, float], call, *args, **kwargs):  # noqa: ANN001, ANN202 - any callable
-    started = time.perf_counter()
-    result = call(*args, **kwargs)
-    seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
-    return result
 
 
 @flow(name="closed_loop")
@@ -79,117 +50,5 @@ def closed_loop(
         min_churn: Stop once this share of face labels or less changes in a round.
         export_name: Name of each round's dataset export.
     """
-    settings = Settings()
-    store = store_for(settings)
-    logger = get_run_logger()
-    seconds: dict[str, float] = {}
-    run_id = _timed("embed_cluster", seconds, embed_and_cluster, settings)
-    first = registry.next_loop_iteration(store, loop_name)
-    history: list[dict] = []
-    stop_reason = ""
-    for step in range(iterations):
-        iteration = first + step
-        exported = _timed("export", seconds, export, name=export_name, run_id=run_id)
-        # Each iteration draws its own batches and augmentations: a retry after a rejected
-        # candidate (gate.patience > 1) is then not the same training again.
-        iteration_config = config.model_copy(update={"seed": config.seed + step})
-        trained = _timed("retrain", seconds, retrain, config=iteration_config, export_id=exported["export_id"])
-        seconds |= {f"retrain_{stage}": value for stage, value in trained["seconds"].items()}
-        before = after = identity_store.run_info(store, run_id)
-        churn = None
-        if trained["promoted"]:
-            new_run_id = _timed("reembed_cluster", seconds, embed_and_cluster, settings)
-            churn = label_churn(run_labels(store, run_id), run_labels(store, new_run_id))
-            run_id, after = new_run_id, identity_store.run_info(store, new_run_id)
-        entry = {
-            "promoted": trained["promoted"],
-            "churn": churn,
-            "gate_metric": trained["gate_metric"],
-            "gate_reason": trained["reason"],
-            "judged_by": trained["judged_by"],
-            "judged_by_description": trained["judged_by_description"],
-            "current": trained["current_metrics"],
-            "candidate": trained["candidate_metrics"],
-            "candidate_model_id": trained["model_id"],
-            "identities_before": before["stats"].get("identities"),
-            "identities": after["stats"].get("identities"),
-            "faces": after["stats"].get("faces"),
-            "export": {key: exported[key] for key in ("name", "version", "identities", "train_faces", "val_faces")},
-            "training": trained["history"][-1],
-            "seconds": seconds,
-        }
-        model = store.current_model()
-        registry.add_loop_iteration(
-            store, loop_name, iteration, model.id, run_id, exported["export_id"], trained["training_run_id"],
-            trained["promoted"], entry,
-        )
-        history.append(entry)
-        logger.info("loop %r iteration %d: %s; churn %s", loop_name, iteration, trained["reason"], churn)
-        seconds = {}
-        stop, stop_reason = should_stop(history, min_churn, settings.gate.patience)
-        if stop:
-            logger.info("loop %r stops: %s", loop_name, stop_reason)
-            break
-    return {
-        "loop_name": loop_name,
-        "iterations": list(range(first, first + len(history))),
-        "promoted": [entry["promoted"] for entry in history],
-        "stopped_early": len(history) < iterations,
-        "stop_reason": stop_reason,
-        "model_id": store.current_model().id,
-        "run_id": run_id,
-    }
-
-
-# ---- report ------------------------------------------------------------------------------------
-
-
-def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
-    """One row per stored iteration: which data judged the gate, gate metric of current and candidate,
-    decision, identities, churn, time."""
-    rows = []
-    for stored in registry.loop_iterations(store, loop_name):
-        metrics = stored["metrics"]
-        metric = metrics["gate_metric"]
-        rows.append({
-            "iteration": stored["iteration"],
-            "gate_metric": metric,
-            # Older iterations predate the record of what judged them.
-            "judged_by": metrics.get("judged_by", "not recorded"),
-            "current": metrics["current"].get(metric),
-            "candidate": metrics["candidate"].get(metric),
-            "promoted": stored["promoted"],
-            "model_id": stored["model_id"],
-            "identities": metrics["identities"],
-            "churn": metrics["churn"],
-            "seconds": round(sum(value for stage, value in metrics["seconds"].items() if not stage.startswith("retrain_")), 1),
-            "gate_reason": metrics["gate_reason"],
-        })
-    return pd.DataFrame(rows)
-
-
-def plot_loop(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """PNG of the gate metric (current vs candidate) and the label churn per iteration."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    figure, (metric_axis, churn_axis) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    metric_axis.plot(table.iteration, table.current, "o-", label="current model")
-    metric_axis.plot(table.iteration, table.candidate, "s--", label="candidate")
-    promoted = table[table.promoted]
-    metric_axis.scatter(promoted.iteration, promoted.candidate, s=120, facecolors="none", edgecolors="green",
-                        label="promoted")
-    metric_axis.set_ylabel(str(table.gate_metric.iloc[-1]) if len(table) else "gate metric")
-    metric_axis.legend()
-    metric_axis.set_title(title)
-    churn_axis.bar(table.iteration, table.churn.fillna(0.0).astype(float))
-    churn_axis.set_ylabel("label churn")
-    churn_axis.set_xlabel("iteration")
-    churn_axis.set_xticks(table.iteration.tolist())
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    steps = LoopSteps(embed_and_cluster=embed_and_cluster, export=export, retrain=retrain)
+    return run_loop(Settings(), steps, iterations, loop_name, config, min_churn, export_name)

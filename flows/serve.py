@@ -3,8 +3,8 @@
 - `mine-watch`: mines settings.serve.watch_folders on a schedule; only new or changed photos
   are processed (the mine flow skips photos stored unchanged).
 - `cluster-scheduled`: embeds new faces and re-clusters on a schedule.
-- `retrain`, `closed-loop`: no schedule; a person launches them from the Prefect UI, whose run
-  form is generated from the flows' typed parameters (the server refuses invalid values).
+- `retrain`, `sweep`, `closed-loop`: no schedule; a person launches them from the Prefect UI, whose
+  run form is generated from the flows' typed parameters (the server refuses invalid values).
 
 GPU-heavy tasks of all these runs share the global concurrency limit of `flows.gpu`, which
 `serve_deployments` creates (or updates) before serving.
@@ -28,6 +28,7 @@ from flows.cluster import cluster
 from flows.gpu import GPU_SLOT
 from flows.loop import closed_loop
 from flows.mine import mine
+from flows.sweep import sweep
 from flows.train import retrain
 from pipeline.errors import FacemineError
 from storage.settings import Settings
@@ -109,6 +110,7 @@ def build_deployments(settings: Settings) -> ServePlan:
     # The UI's run form starts from the configured training parameters.
     training = {"config": settings.train.model_dump(mode="json")}
     deployments.append(_deployment(retrain, "retrain", [], training))
+    deployments.append(_deployment(sweep, "sweep", [], {"configs": [training["config"]]}))
     deployments.append(_deployment(closed_loop, "closed-loop", [], training, ONE_AT_A_TIME))
     return ServePlan(deployments, skipped)
 

@@ -21,15 +21,17 @@ a ``ClusterConfig`` and ``labels`` an (N,) int64 array, -1 for noise. Methods:
 
 ``cluster(embeddings, config) -> labels``: one method over one set of faces (builds the graph).
 
-``cluster_faces(embeddings, photos, subsets, passed, constraints, config, previous) -> ClusterResult``:
-the whole identity step. In order:
+``cluster_faces(embeddings, photos, subsets, passed, constraints, config, previous, per_subset)
+-> ClusterResult``: the whole identity step. In order:
 
 1. faces of locked identities (``Constraints.fixed_members``) and excluded faces are set aside;
-2. the remaining quality-passed faces are clustered subset by subset;
+2. the remaining quality-passed faces are clustered subset by subset (``cluster_subset``; the
+   results may come precomputed, e.g. from parallel tasks, as ``per_subset``);
 3. clusters of different subsets (single faces included) merge when their representatives agree
-   (``merge_*``): the median, over the representatives of both, of each one's best match on the
-   other side reaches ``merge_min_similarity``; the two are each other's best match in the
-   other's subset by ``merge_margin``; and no cannot-link lies between them;
+   (``merge_clusters``, which reads only each cluster's centroid and representative vectors):
+   the median, over the representatives of both, of each one's best match on the other side
+   reaches ``merge_min_similarity``; the two are each other's best match in the other's subset
+   by ``merge_margin``; and no cannot-link lies between them;
 4. must-link pairs unite their clusters;
 5. cannot-links (two faces of one photo, human cannot-links) are enforced: of two conflicting
    faces (or must-linked groups) the one less similar to the cluster centroid leaves; clusters
@@ -47,11 +49,21 @@ unassigned faces 0.
 
 ``identity_centroids(labels, vectors) -> (max label + 1, D)``: unit mean vector per label.
 
+Scaling out (per-subset tasks, then the merge on representatives; identical results):
+
+- ``subset_members(subsets, passed, constraints) -> [face indices]``: the faces ``cluster_faces``
+  clusters in each subset, in the order it expects ``per_subset`` results;
+- ``cluster_subset(vectors, config) -> SubsetClustering``: one subset's step 2 (picklable result:
+  local labels, the k-NN graph as above-floor weights, its clusters' centroids and representatives);
+- ``combine_summaries([SubsetClustering]) -> ClusterSummary`` and
+  ``merge_clusters(summary, config, conflicts) -> group per cluster``: step 3 on representatives.
+
 ``match_identities(previous, current, min_overlap) -> {label: identity key | None}``: keeps
 identity ids stable across runs (and embedding models) by Hungarian matching on face overlap.
 """
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -228,6 +240,136 @@ class ClusterResult:
     stats: dict[str, int]
 
 
+@dataclass(frozen=True)
+class ClusterSummary:
+    """What the cross-subset merge reads of C clusters: no member vectors beyond a few per cluster.
+
+    ``centroids`` (C, D) float32: unit mean of each cluster's unit member vectors.
+    ``subsets`` (C,) int64: the subset each cluster was found in (only clusters of different
+    subsets merge).
+    ``representatives`` (C, r) int64: rows of ``vectors`` holding each cluster's members closest
+    to its centroid, closest first; -1 pads clusters with fewer than r members.
+    ``vectors`` (R, D) float32: the representatives' unit vectors.
+    """
+
+    centroids: np.ndarray
+    subsets: np.ndarray
+    representatives: np.ndarray
+    vectors: np.ndarray
+
+
+@dataclass(frozen=True)
+class SubsetClustering:
+    """One subset's clustering (``cluster_subset``): all that the later steps of ``cluster_faces``
+    need from it, as plain numpy arrays (picklable; a task returns it). For the subset's n faces,
+    rows in the order of the vectors it was given:
+
+    ``labels`` (n,) int64: local cluster of each face, -1 for noise.
+    ``neighbours`` (n, k) int32: each face's k nearest other faces of the subset (rows), -1 missing.
+    ``weights`` (n, k) float32: the weight of those edges above the graph floor,
+    ``max(similarity - config.min_similarity, 0)`` (the graph confidence sums them).
+    ``centroids`` (C, D), ``representatives`` (C, r), ``representative_vectors`` (R, D): the
+    ``ClusterSummary`` fields of its C clusters (local labels >= 0, in increasing order).
+    """
+
+    labels: np.ndarray
+    neighbours: np.ndarray
+    weights: np.ndarray
+    centroids: np.ndarray
+    representatives: np.ndarray
+    representative_vectors: np.ndarray
+
+
+def subset_members(subsets: np.ndarray, passed: np.ndarray, constraints: Constraints = Constraints()) -> list[np.ndarray]:
+    """Indices of the faces ``cluster_faces`` clusters in each subset (quality-passed, not locked,
+    not excluded), one sorted array per subset in increasing subset id: the order in which it
+    expects ``per_subset`` results, each from ``cluster_subset`` on ``embeddings[indices]``."""
+    subsets, passed = np.asarray(subsets), np.asarray(passed)
+    if subsets.shape != passed.shape or subsets.ndim != 1:
+        raise FacemineError("subsets and passed must each hold one entry per face")
+    return _subset_members(subsets, _clusterable(passed, constraints))
+
+
+def cluster_subset(vectors: np.ndarray, config: ClusterConfig = ClusterConfig()) -> SubsetClustering:
+    """Step 2 of ``cluster_faces`` for one subset: its faces' (n, D) vectors, clustered on their
+    own k-NN graph by ``config.method``.
+
+    Runs anywhere (a task on another machine): the result depends only on ``vectors`` and
+    ``config``, and ``cluster_faces(..., per_subset=...)`` gives bit-identical identities to
+    computing it itself, given the same ``config`` and the rows ``subset_members`` names of its
+    (unit; stored embeddings are) ``embeddings``.
+    """
+    get_clusterer(config.method)
+    vectors = normalize(vectors)
+    graph = knn_graph(vectors, config) if len(vectors) > 1 else None
+    labels = cluster(vectors, config, graph)
+    if graph is None:
+        neighbours, weights = np.full((len(vectors), 0), MISSING, np.int32), np.zeros((len(vectors), 0), np.float32)
+    else:
+        neighbours = graph.indices.astype(np.int32)
+        weights = np.maximum(graph.similarities - config.min_similarity, 0.0)
+    clustered = np.flatnonzero(labels >= 0)
+    compact = np.unique(labels[clustered], return_inverse=True)[1]
+    centroids = identity_centroids(compact, vectors[clustered])
+    rows = _representatives(compact, vectors[clustered], centroids, config.merge_representatives)
+    # Renumber the chosen rows 0..R-1 so that only their vectors travel.
+    chosen = rows != MISSING
+    representatives = np.full(rows.shape, MISSING, np.int64)
+    representatives[chosen] = np.arange(chosen.sum())
+    result = SubsetClustering(labels, neighbours, weights, centroids, representatives, vectors[clustered][rows[chosen]])
+    del graph
+    # Clustering leaves reference cycles holding its graph arrays (about 23 MB for 10K faces); a
+    # long-lived Dask worker rarely runs a full collection, so without this it grows by that much
+    # a task (benchmarks/cluster_scale.py: 0.77 GiB flat with it, +23 MiB a task without).
+    gc.collect()
+    return result
+
+
+def combine_summaries(per_subset: Sequence[SubsetClustering]) -> ClusterSummary:
+    """The ``ClusterSummary`` of all clusters of ``per_subset`` (result i is subset i), in order:
+    subset by subset, each in increasing local label."""
+    if not per_subset:
+        return ClusterSummary(np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros((0, 0), np.int64),
+                              np.zeros((0, 0), np.float32))
+    offsets = np.cumsum([0] + [len(result.representative_vectors) for result in per_subset])
+    representatives = [
+        np.where(result.representatives != MISSING, result.representatives + offset, MISSING)
+        for result, offset in zip(per_subset, offsets)
+    ]
+    return ClusterSummary(
+        centroids=np.concatenate([result.centroids for result in per_subset]),
+        subsets=np.repeat(np.arange(len(per_subset)), [len(result.centroids) for result in per_subset]),
+        representatives=np.concatenate(representatives),
+        vectors=np.concatenate([result.representative_vectors for result in per_subset]),
+    )
+
+
+def merge_clusters(
+    summary: ClusterSummary, config: ClusterConfig = ClusterConfig(), conflicts: np.ndarray | None = None
+) -> np.ndarray:
+    """Step 3 of ``cluster_faces``: which clusters of different subsets show the same person.
+
+    Reads only ``summary`` (centroids and representatives). Candidates are each centroid's
+    ``config.k`` nearest centroids; a pair of different subsets merges when the median, over the
+    representatives of both, of each one's best match on the other side reaches
+    ``merge_min_similarity`` and each is the other's best match in the other's subset by
+    ``merge_margin``; accepted pairs unite strongest first, except where a pair of clusters in
+    ``conflicts`` ((M, 2) cluster indices, a cannot-link between their faces) would join.
+
+    Returns (C,) int64: a group per cluster, the index of one cluster of it (equal values = one
+    person). Merges made = C - number of distinct groups.
+    """
+    n_clusters = len(summary.centroids)
+    if len(np.unique(summary.subsets)) < 2:
+        return np.arange(n_clusters, dtype=np.int64)
+    candidates = knn_between(summary.centroids, summary.centroids, min(config.k, n_clusters), config)
+    pairs = _cross_subset_pairs(candidates, summary.subsets)
+    score = _representative_agreement(pairs, summary.representatives, summary.vectors)
+    accepted = _mutual_best(pairs, score, summary.subsets, config.merge_min_similarity, config.merge_margin)
+    conflicts = np.zeros((0, 2), np.int64) if conflicts is None else np.asarray(conflicts, np.int64).reshape(-1, 2)
+    return _union_without_conflicts(pairs[accepted], score[accepted], conflicts, n_clusters)
+
+
 def cluster_faces(
     embeddings: np.ndarray,
     photos: np.ndarray,
@@ -236,18 +378,26 @@ def cluster_faces(
     constraints: Constraints = Constraints(),
     config: ClusterConfig = ClusterConfig(),
     previous: Mapping[int, Hashable] | None = None,
+    per_subset: Sequence[SubsetClustering] | None = None,
 ) -> ClusterResult:
     """Identities of N faces; see the module docstring for the steps.
 
     ``photos`` (N,) photo id per face (faces of one photo are never one identity; a photo lies in
     one subset), ``subsets`` (N,) subset id per face, ``passed`` (N,) bool quality verdict,
-    ``previous`` face index -> identity key of the run being replaced.
+    ``previous`` face index -> identity key of the run being replaced. ``per_subset``: step 2
+    already done, one ``cluster_subset`` result per entry of ``subset_members(subsets, passed,
+    constraints)`` with the same ``config`` (e.g. by parallel tasks); computed here when None.
+    The result is the same either way.
     """
     get_clusterer(config.method)
     faces = _Faces.build(embeddings, photos, subsets, passed, constraints)
-    labels, graphs = _cluster_subsets(faces, config)
+    members = _subset_members(faces.subsets, faces.clusterable)
+    if per_subset is None:
+        per_subset = [cluster_subset(faces.vectors[subset], config) for subset in members]
+    _check_per_subset(per_subset, members)
+    labels = _subset_labels(faces.n, members, per_subset)
     # Small clusters take part in the merge: one face per subset can still add up to a person.
-    labels, merges = _merge_across_subsets(labels, faces, config)
+    labels, merges = _merge_across_subsets(labels, faces, config, combine_summaries(per_subset))
     labels = _apply_must_links(labels, faces)
     labels, conflicts = _enforce_cannot_links(labels, faces, _centroid_similarity(labels, faces.vectors))
     labels = _dissolve_small(labels, config.min_cluster_size)
@@ -255,7 +405,7 @@ def cluster_faces(
     labels, keys = _add_locked_identities(labels, faces)
     keys.update(_inherited_keys(labels, keys, previous or {}, faces, config.match_min_overlap))
     labels, rejections = _drop_rejected(labels, keys, faces)
-    confidence = _graph_confidence(labels, graphs, config.min_similarity)
+    confidence = _graph_confidence(labels, members, per_subset)
     source = np.where(labels >= 0, "cluster", "unassigned").astype(object)
     decided = faces.fixed | (faces.must_linked & (labels >= 0))
     source[decided], confidence[decided] = "decision", 1.0
@@ -393,7 +543,7 @@ class _Faces:
             vectors=vectors,
             photos=photos,
             subsets=subsets,
-            clusterable=passed.astype(bool) & ~fixed & ~excluded,
+            clusterable=_clusterable(passed, constraints),
             fixed=fixed,
             excluded=excluded,
             must_link=must_link,
@@ -403,6 +553,14 @@ class _Faces:
             fixed_members=fixed_members,
             rejected=frozenset((int(face), key) for face, key in constraints.rejected),
         )
+
+
+def _clusterable(passed: np.ndarray, constraints: Constraints) -> np.ndarray:
+    """Faces clustered by subset: quality-passed, neither in a locked identity nor excluded."""
+    n = len(passed)
+    locked = [np.asarray(list(members), np.int64) for members in constraints.fixed_members.values()]
+    fixed_faces = np.concatenate([np.zeros(0, np.int64), *locked])
+    return np.asarray(passed).astype(bool) & ~_mask(n, fixed_faces) & ~_mask(n, constraints.excluded)
 
 
 def _mask(n: int, indices: Collection[int] | np.ndarray) -> np.ndarray:
@@ -424,18 +582,24 @@ def _check_indices(indices: np.ndarray, n: int, name: str) -> None:
         raise FacemineError(f"{name} index out of range for {n} faces")
 
 
-def _cluster_subsets(faces: _Faces, config: ClusterConfig) -> tuple[np.ndarray, list[tuple[np.ndarray, KnnGraph]]]:
-    """Cluster the clusterable faces of each subset on their own graph; labels are global."""
-    labels = np.full(faces.n, UNASSIGNED, np.int64)
-    graphs = []
-    for subset in np.unique(faces.subsets[faces.clusterable]):
-        members = np.flatnonzero(faces.clusterable & (faces.subsets == subset))
-        graph = knn_graph(faces.vectors[members], config) if len(members) > 1 else None
-        subset_labels = cluster(faces.vectors[members], config, graph)
-        labels[members] = np.where(subset_labels >= 0, subset_labels + labels.max() + 1, UNASSIGNED)
-        if graph is not None:
-            graphs.append((members, graph))
-    return labels, graphs
+def _subset_members(subsets: np.ndarray, clusterable: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(clusterable & (subsets == subset)) for subset in np.unique(subsets[clusterable])]
+
+
+def _check_per_subset(per_subset: Sequence[SubsetClustering], members: list[np.ndarray]) -> None:
+    sizes = [len(result.labels) for result in per_subset]
+    if sizes != [len(subset) for subset in members]:
+        raise FacemineError(
+            f"per-subset results hold {sizes} faces; the subsets cluster {[len(subset) for subset in members]}"
+        )
+
+
+def _subset_labels(n: int, members: list[np.ndarray], per_subset: Sequence[SubsetClustering]) -> np.ndarray:
+    """Global labels: each subset's local labels shifted past the labels of the subsets before it."""
+    labels = np.full(n, UNASSIGNED, np.int64)
+    for subset, result in zip(members, per_subset):
+        labels[subset] = np.where(result.labels >= 0, result.labels + labels.max() + 1, UNASSIGNED)
+    return labels
 
 
 def _dissolve_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -462,21 +626,19 @@ def _centroid_similarity(labels: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return similarity
 
 
-def _merge_across_subsets(labels: np.ndarray, faces: _Faces, config: ClusterConfig) -> tuple[np.ndarray, int]:
-    """Merge clusters of different subsets that show the same person; returns labels and merge count."""
+def _merge_across_subsets(
+    labels: np.ndarray, faces: _Faces, config: ClusterConfig, summary: ClusterSummary
+) -> tuple[np.ndarray, int]:
+    """Merge clusters of different subsets that show the same person; returns labels and merge count.
+
+    ``summary`` describes the clusters of ``labels`` in increasing label order."""
     clustered = np.flatnonzero(labels >= 0)
-    cluster_ids, first, compact = np.unique(labels[clustered], return_index=True, return_inverse=True)
-    cluster_subsets = faces.subsets[clustered[first]]
-    if len(np.unique(cluster_subsets)) < 2:
-        return labels, 0
-    vectors = faces.vectors[clustered]
-    centroids = identity_centroids(compact, vectors)
-    candidates = knn_between(centroids, centroids, min(config.k, len(cluster_ids)), config)
-    pairs = _cross_subset_pairs(candidates, cluster_subsets)
-    representatives = _representatives(compact, vectors, centroids, config.merge_representatives)
-    score = _representative_agreement(pairs, representatives, vectors)
-    accepted = _mutual_best(pairs, score, cluster_subsets, config.merge_min_similarity, config.merge_margin)
-    groups = _union_without_conflicts(pairs[accepted], score[accepted], compact, clustered, faces, len(cluster_ids))
+    cluster_ids, compact = np.unique(labels[clustered], return_inverse=True)
+    cluster_of_face = np.full(faces.n, MISSING, np.int64)
+    cluster_of_face[clustered] = compact
+    conflicts = cluster_of_face[faces.cannot_link]
+    conflicts = conflicts[(conflicts >= 0).all(axis=1) & (conflicts[:, 0] != conflicts[:, 1])]
+    groups = merge_clusters(summary, config, conflicts)
     merged = labels.copy()
     merged[clustered] = cluster_ids[groups[compact]]
     return merged, len(cluster_ids) - len(np.unique(groups))
@@ -542,22 +704,20 @@ def _mutual_best(
     return (score >= min_similarity) & best_with_margin[: len(pairs)] & best_with_margin[len(pairs):]
 
 
-def _union_without_conflicts(
-    pairs: np.ndarray, score: np.ndarray, compact: np.ndarray, clustered: np.ndarray, faces: _Faces, n_clusters: int
-) -> np.ndarray:
-    """Group id per cluster after uniting accepted pairs, strongest first, skipping cannot-linked groups."""
-    cluster_of_face = np.full(faces.n, MISSING, np.int64)
-    cluster_of_face[clustered] = compact
-    linked = cluster_of_face[faces.cannot_link]
-    linked = linked[(linked >= 0).all(axis=1) & (linked[:, 0] != linked[:, 1])]
-    conflicts: dict[int, set[int]] = {}
-    for a, b in linked:
-        conflicts.setdefault(int(a), set()).add(int(b))
-        conflicts.setdefault(int(b), set()).add(int(a))
+def _union_without_conflicts(pairs: np.ndarray, score: np.ndarray, conflicts: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Group id per cluster after uniting accepted pairs, strongest first, skipping groups that
+    would join ``conflicts`` (cluster pairs)."""
+    partners: dict[int, set[int]] = {}
+    for a, b in conflicts:
+        partners.setdefault(int(a), set()).add(int(b))
+        partners.setdefault(int(b), set()).add(int(a))
     groups = DisjointSet(range(n_clusters))
     for index in np.argsort(-score, kind="stable"):
         a, b = (int(value) for value in pairs[index])
-        if not any(groups.connected(other, b) for member in groups.subset(a) for other in conflicts.get(member, ())):
+        # Without conflicts there is nothing to check (and a group's members are not walked).
+        if not partners or not any(
+            groups.connected(other, b) for member in groups.subset(a) for other in partners.get(member, ())
+        ):
             groups.merge(a, b)
     return np.array([groups[cluster] for cluster in range(n_clusters)], np.int64)
 
@@ -661,17 +821,16 @@ def _drop_rejected(labels: np.ndarray, keys: Mapping[int, Hashable | None], face
     return labels, len(rejected)
 
 
-def _graph_confidence(labels: np.ndarray, graphs: list[tuple[np.ndarray, KnnGraph]], floor: float) -> np.ndarray:
+def _graph_confidence(labels: np.ndarray, members: list[np.ndarray], per_subset: Sequence[SubsetClustering]) -> np.ndarray:
     """Share of each face's above-floor k-NN edge weight that stays in its own identity (0 when unassigned)."""
     confidence = np.zeros(len(labels), np.float64)
-    for members, graph in graphs:
-        neighbours = np.where(graph.indices == MISSING, MISSING, members[np.maximum(graph.indices, 0)])
-        weight = np.maximum(graph.similarities - floor, 0.0)
-        own = labels[members]
+    for subset, result in zip(members, per_subset):
+        neighbours = np.where(result.neighbours == MISSING, MISSING, subset[np.maximum(result.neighbours, 0)])
+        own = labels[subset]
         same = (neighbours != MISSING) & (labels[np.maximum(neighbours, 0)] == own[:, None]) & (own[:, None] >= 0)
-        total = weight.sum(axis=1)
-        own_weight = (weight * same).sum(axis=1)
-        confidence[members] = np.divide(own_weight, total, out=np.zeros_like(total, np.float64), where=total > 0)
+        total = result.weights.sum(axis=1)
+        own_weight = (result.weights * same).sum(axis=1)
+        confidence[subset] = np.divide(own_weight, total, out=np.zeros_like(total, np.float64), where=total > 0)
     confidence[labels < 0] = 0.0
     return confidence
 

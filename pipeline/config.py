@@ -143,12 +143,14 @@ class ExportConfig(BaseModel):
 class TrainConfig(BaseModel):
     """Retraining parameters; the descriptions are the help texts of the Prefect UI's run form."""
 
-    recipe: Literal["distill", "distill_pairs", "margin"] = Field(
+    recipe: Literal["distill", "distill_pairs", "margin", "student"] = Field(
         default="distill",
         description="distill: a trainable copy sees in-the-wild degradations of each chip (low resolution, "
         "JPEG, blur, colour, shifts) and must match the frozen model on the clean chip, anchored on clean chips "
         "so the similarity scale does not drift; distill_pairs: the same plus pulling together confident "
-        "same-cluster pairs (pair_weight); margin: margin softmax (loss, margin, scale...) on the pseudo-labels",
+        "same-cluster pairs (pair_weight); margin: margin softmax (loss, margin, scale...) on the pseudo-labels; "
+        "student: a small fresh network (pipeline.student, several times faster) learns to match the current "
+        "model's embeddings and similarities on the augmented chips (AdamW at base_lr; all its layers train)",
     )
     anchor_weight: float = Field(
         default=1.0, ge=0.0,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline.errors import FacemineError
@@ -35,3 +37,16 @@ def limit_cpu_threads(count: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, count))
+
+
+@contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """torch's intra-op thread count as before the block, whatever threads started in it set
+    (`torch.set_num_threads` in any thread sets the count that new threads start with)."""
+    import torch
+
+    count = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)

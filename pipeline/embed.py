@@ -72,18 +72,19 @@ class Embedder:
 
     `name` and `weights_path` recreate it through `create_embedder`; `kind` is the registry
     name of its architecture and `base_weights_path` the file that architecture is built from
-    (both equal `name`/`weights_path` except for trained checkpoints). `weights_hash` keys
-    its embeddings in storage: embeddings of different hashes never mix.
+    (both equal `name`/`weights_path` except for trained checkpoints; None for an architecture
+    built fresh, without a weights file, e.g. a student). `weights_hash` keys its embeddings in
+    storage: embeddings of different hashes never mix.
     """
 
     name: str
     kind: str
     preprocessing: Preprocessing
-    weights_path: Path
+    weights_path: Path | None
     weights_hash: str
     device: torch.device
     module: torch.nn.Module
-    base_weights_path: Path
+    base_weights_path: Path | None
 
     def to_tensor(self, chips: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) RGB chips -> normalised float32 (N, 3, H, W) on `device`.
@@ -115,16 +116,21 @@ class Embedder:
         example = self.to_tensor(np.zeros((2, size, size, 3), np.uint8))
         return dataclasses.replace(self, module=optimized_for_inference(self.module, example))
 
+    def batch_size(self, requested: int | None = None) -> int:
+        """Chips per forward pass: `requested`, else the device's default (`DEFAULT_BATCH_SIZE`)."""
+        if requested is None:
+            return DEFAULT_BATCH_SIZE.get(self.device.type, DEFAULT_BATCH_SIZE["cpu"])
+        if requested < 1:
+            raise ValueError(f"batch_size must be >= 1, got {requested}")
+        return requested
+
     def embed(self, chips: np.ndarray, batch_size: int | None = None, flip_tta: bool = False) -> np.ndarray:
         """L2-normalised float32 (N, embedding_dim) embeddings of aligned uint8 RGB chips.
 
         `batch_size` defaults per device (`DEFAULT_BATCH_SIZE`). `flip_tta` adds the features of
         the mirrored chip before normalising (test-time augmentation).
         """
-        if batch_size is None:
-            batch_size = DEFAULT_BATCH_SIZE.get(self.device.type, DEFAULT_BATCH_SIZE["cpu"])
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = self.batch_size(batch_size)
         if len(chips) == 0:
             return np.zeros((0, self.preprocessing.embedding_dim), dtype=np.float32)
         was_training = self.module.training
@@ -202,7 +208,7 @@ def _assemble(
         weights_hash=file_sha256(weights_path),
         device=device,
         module=module.to(device).eval(),
-        base_weights_path=base_weights_path or weights_path,
+        base_weights_path=base_weights_path if kind else weights_path,
     )
 
 
@@ -314,7 +320,7 @@ def save_checkpoint(embedder: Embedder, path: str | Path, extra: dict[str, Any] 
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
         "base": embedder.kind,
-        "base_weights": str(embedder.base_weights_path),
+        "base_weights": str(embedder.base_weights_path) if embedder.base_weights_path else None,
         "state_dict": {key: value.detach().cpu() for key, value in embedder.module.state_dict().items()},
         "preprocessing": dataclasses.asdict(embedder.preprocessing),
         "embedding_dim": embedder.preprocessing.embedding_dim,
@@ -330,3 +336,7 @@ def save_checkpoint(embedder: Embedder, path: str | Path, extra: dict[str, Any] 
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+# Architectures defined in their own modules register themselves when imported.
+import pipeline.student  # noqa: E402,F401

@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+import fsspec
+
 _KINDS = (
     (stat.S_ISDIR, "folder"),
     (stat.S_ISFIFO, "FIFO"),
@@ -50,7 +52,28 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` is an fsspec URL (s3://bucket/key, ...) rather than a local path."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """A photo, chip or manifest handed to us: `open_regular_file` for a path; fsspec for a URL
+    (object storage holds only plain objects).
+    A URL is opened with the fsspec options of its protocol registered for this process
+    (`storage.dataroot.register_object_store`: the `object_store` settings, for s3://)."""
+    if is_url(path):
+        return fsspec.open(path, "rb").open()
+    return open_regular_file(path)
+
+
+def file_size(file: BinaryIO) -> int:
+    size = getattr(file, "size", None)  # fsspec's files know theirs
+    return size if isinstance(size, int) else os.fstat(file.fileno()).st_size
+
+
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a regular file's bytes, read in chunks so large files never sit in memory."""
-    with open_regular_file(path) as file:
+    """Hex sha256 of a regular file's (or an object's) bytes, read in chunks so large files never
+    sit in memory."""
+    with open_input(path) as file:
         return hashlib.file_digest(file, "sha256").hexdigest()

@@ -3,7 +3,7 @@
 Two kinds of held-out data:
 - photos the user configured (validation pairs / labelled photos): never mined; each one
   contributes its largest detected face (the convention for photos labelled with one person,
-  see `flows.evaluate`);
+  see `usecases.evaluation`);
 - identities of the store itself, chosen by `choose_holdout_identities` and kept out of
   training: those a person reviewed, else a share of the pseudo-identities.
 

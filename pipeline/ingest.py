@@ -26,12 +26,20 @@ from pathlib import Path
 from typing import Literal
 
 import cv2
+import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.config import IngestConfig
 from pipeline.errors import FacemineError
-from pipeline.hashing import NotARegularFile, file_kind, open_regular_file
+from pipeline.hashing import (
+    NotARegularFile,
+    file_kind,
+    file_size,
+    is_url,
+    open_input,
+    open_regular_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +116,21 @@ def walk_photos(
     opened), a broken symlink or symlink loop, a folder that cannot be listed. Folder symlinks
     are followed, each real folder visited once. Never entered: `excluded` folders and any
     folder holding a facemine store or dataset export (mining them would feed facemine's own
-    chips back into it). A root that is a file is offered whatever its name.
+    chips back into it). A root that is a file is offered whatever its name. A root may also be
+    an fsspec URL (s3://bucket/photos, see `_walk_url`).
     """
     wanted = {extension.lower() for extension in extensions}
     sniffed = _pillow_formats(wanted)
-    absolute_roots = [Path(path_from_key(os.fspath(root))).absolute() for root in roots]
+    roots = list(roots)
+    absolute_roots = [None if is_url(root) else Path(path_from_key(os.fspath(root))).absolute() for root in roots]
     for root in absolute_roots:
-        if not root.exists():
+        if root is not None and not root.exists():
             raise FacemineError(f"folder not found: {path_key(root)}")
     visited = {os.path.realpath(folder) for folder in excluded}
-    for root in absolute_roots:
-        if root.is_dir():
+    for url, root in zip(roots, absolute_roots):
+        if root is None:
+            yield from _walk_url(str(url), wanted)
+        elif root.is_dir():
             yield from _walk(str(root), wanted, sniffed, visited)
         else:
             yield _found(str(root), os.stat(root).st_mode)
@@ -160,6 +172,31 @@ def _walk(folder: str, wanted: set[str], sniffed: list[str], visited: set[str]) 
             yield _found(path, mode)
         elif stat.S_ISREG(mode) and _looks_like_image(path, sniffed):
             yield FoundFile(path)
+
+
+def _walk_url(root: str, wanted: set[str]) -> Iterator[FoundFile]:
+    """Objects under an fsspec URL with a photo's extension, in sorted key order, skipping
+    facemine data roots and exports found there. Objects without a photo's extension are not
+    offered: telling them apart would mean reading every object of the bucket."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if fs.isfile(path):
+        yield FoundFile(root)
+        return
+    keys = sorted(fs.find(path)) if fs.exists(path) else []
+    if not keys:
+        raise FacemineError(f"folder not found: {root}")
+    names = set(keys)
+    exports = {
+        os.path.dirname(key) for key in keys
+        if key.endswith("/dataset_card.json") and key.replace("dataset_card.json", "manifest.parquet") in names
+    }
+    holding = {folder: {key.split(f"/{folder}/")[0] for key in keys if f"/{folder}/" in key} for folder in ("chips", "embeddings")}
+    facemine = exports | (holding["chips"] & holding["embeddings"])  # a data root
+    for key in keys:
+        if any(key.startswith(f"{folder}/") for folder in facemine):
+            continue
+        if os.path.splitext(key)[1].lower() in wanted:
+            yield FoundFile(fs.unstrip_protocol(key))
 
 
 def _found(path: str, mode: int) -> FoundFile:
@@ -242,8 +279,8 @@ _MAX_BYTES_PER_PIXEL = 8
 def _read_file(path: Path | str, max_pixels: int) -> bytes:
     # One read feeds both the hash and the decoder, so they always see the same bytes.
     try:
-        with open_regular_file(path) as file:
-            size = os.fstat(file.fileno()).st_size
+        with open_input(path) as file:
+            size = file_size(file)
             if size > max_pixels * _MAX_BYTES_PER_PIXEL:
                 raise ImageRejected("failed", f"too-large: {size} bytes, more than any photo within the pixel limit")
             return file.read()

@@ -180,3 +180,10 @@ def same_label_pair_loss(embeddings: Tensor, labels: Tensor) -> Tensor:
     if not same.any():
         return unit.sum() * 0.0  # keeps the graph (and the device) of a real loss
     return (1.0 - (unit @ unit.T)[same]).mean()
+
+
+def student_distillation_loss(student: Tensor, teacher: Tensor, relation_weight: float = 1.0) -> Tensor:
+    """`cosine_distillation_loss` + relation_weight * `similarity_preservation_loss`: a smaller model
+    trained to replace its teacher must point each face where the teacher does and keep the
+    teacher's face-to-face similarities (so the teacher's calibrated scale carries over)."""
+    return cosine_distillation_loss(student, teacher) + relation_weight * similarity_preservation_loss(student, teacher)

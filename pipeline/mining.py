@@ -4,15 +4,18 @@ Plain Python: the Prefect flow calls `Miner.process` per shard and hands the rec
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from pipeline.align import align_face
 from pipeline.config import DetectConfig, IngestConfig, QualityConfig
 from pipeline.detect import Detection, FaceDetector
+from pipeline.device import limit_cpu_threads, torch_threads_restored
 from pipeline.embed import Embedder
 from pipeline.ingest import ImageRejected, LoadedImage, load_image
 from pipeline.quality import QualityResult, assess, measure
@@ -66,30 +69,62 @@ class Miner:
         except ImageRejected as rejected:
             return PhotoRecord(path=path, status=rejected.status, reason=rejected.reason)
 
+    def compute_threads(self) -> int:
+        """Threads detecting and embedding side by side: on a CPU one per core this process may
+        use (torch's thread count, so a worker process among several keeps to its share), each
+        running its operations on one core: MTCNN's many small operations use a core each better
+        than two threads share them, and one process holds the models once. On a GPU one (the
+        GPU is what they would share)."""
+        return 1 if self.embedder.device.type == "cuda" else torch.get_num_threads()
+
     def process(self, paths: Sequence[str], on_detected: Callable[[int], None] | None = None) -> list[PhotoRecord]:
         """Records in the order of `paths`; a bad file becomes a skipped/failed record, never an exception.
 
-        Photos go through detection a chunk at a time (full-size images are dropped once their
-        chips are cut), while the next chunk decodes in threads (Pillow releases the GIL).
-        `on_detected(n)` hears after each chunk how many photos are through detection, the bulk
-        of the work, so progress shows from the first photos.
+        Photos are detected a chunk at a time on `compute_threads()` threads, while the next
+        chunks decode in threads of their own (Pillow releases the GIL); full-size photos are
+        dropped once their chips are cut, so only the chunks in flight hold any. Chips are
+        embedded as soon as a batch is full: the same batches in the same order whatever the
+        threads do, so results do not depend on them. `on_detected(n)` hears after each chunk,
+        in order, how many photos are through detection, the bulk of the work, so progress
+        shows from the first photos.
         """
-        chunk = self.detector.config.batch_size
-        chunks = [list(paths[i : i + chunk]) for i in range(0, len(paths), chunk)]
+        size = self.detector.config.batch_size
+        chunks = deque(list(paths[i : i + size]) for i in range(0, len(paths), size))
+        threads = self.compute_threads()
+        embed_batch = self.embedder.batch_size(self.embed_batch_size)
         records: list[PhotoRecord] = []
         pending: list[tuple[PhotoRecord, Detection, np.ndarray]] = []
-        with ThreadPoolExecutor(max_workers=self.decode_workers) as pool:
-            upcoming = pool.map(self._load, chunks[0]) if chunks else iter(())
-            for index, chunk_paths in enumerate(chunks):
-                loaded = list(upcoming)
-                if index + 1 < len(chunks):
-                    upcoming = pool.map(self._load, chunks[index + 1])
-                records_chunk, decoded = self._records(chunk_paths, loaded)
+        embedding: list[Future[list[tuple[PhotoRecord, FaceRecord]]]] = []
+        decoding: deque[tuple[list[str], list[Future[LoadedImage | PhotoRecord]]]] = deque()
+        detecting: deque[tuple[list[PhotoRecord], Future[list[tuple[PhotoRecord, Detection, np.ndarray]]]]] = deque()
+        with (
+            torch_threads_restored(),
+            ThreadPoolExecutor(max_workers=self.decode_workers) as decode_pool,
+            ThreadPoolExecutor(max_workers=threads, initializer=limit_cpu_threads, initargs=(1,)) as compute_pool,
+        ):
+            while chunks or decoding or detecting:
+                # At most two chunks of photos in memory per detection thread: one detected, one decoded.
+                while chunks and len(decoding) + len(detecting) < 2 * threads:
+                    chunk = chunks.popleft()
+                    decoding.append((chunk, [decode_pool.submit(self._load, path) for path in chunk]))
+                if decoding and len(detecting) < threads:
+                    chunk, loading = decoding.popleft()
+                    records_chunk, decoded = self._records(chunk, [future.result() for future in loading])
+                    detecting.append((records_chunk, compute_pool.submit(self._detect_and_align, decoded)))
+                    continue
+                records_chunk, detected = detecting.popleft()
                 records.extend(records_chunk)
-                pending.extend(self._detect_and_align(decoded))
+                pending.extend(detected.result())
+                while len(pending) >= embed_batch:
+                    embedding.append(compute_pool.submit(self._embed_and_assess, pending[:embed_batch]))
+                    del pending[:embed_batch]
                 if on_detected is not None:
                     on_detected(len(records))
-        self._embed_and_assess(pending)
+            if pending:
+                embedding.append(compute_pool.submit(self._embed_and_assess, pending))
+            for batch in embedding:
+                for record, face in batch.result():
+                    record.faces.append(face)
         return records
 
     @staticmethod
@@ -128,15 +163,17 @@ class Miner:
             for detection in faces
         ]
 
-    def _embed_and_assess(self, pending: list[tuple[PhotoRecord, Detection, np.ndarray]]) -> None:
-        if not pending:
-            return
+    def _embed_and_assess(
+        self, pending: list[tuple[PhotoRecord, Detection, np.ndarray]]
+    ) -> list[tuple[PhotoRecord, FaceRecord]]:
+        """One embedding batch (all of `pending`) and the quality of its faces."""
         chips = np.stack([chip for _, _, chip in pending])
-        embeddings = self.embedder.embed(chips, batch_size=self.embed_batch_size, flip_tta=self.flip_tta)
-        for (record, detection, chip), embedding in zip(pending, embeddings):
-            metrics = measure(detection.score, detection.landmarks, chip)
-            record.faces.append(FaceRecord(detection, assess(metrics, self.quality), chip, embedding))
-
+        embeddings = self.embedder.embed(chips, batch_size=len(chips), flip_tta=self.flip_tta)
+        return [
+            (record, FaceRecord(detection, assess(measure(detection.score, detection.landmarks, chip), self.quality),
+                                chip, embedding))
+            for (record, detection, chip), embedding in zip(pending, embeddings)
+        ]
 
 def build_miner(
     ingest: IngestConfig,

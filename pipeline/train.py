@@ -8,6 +8,11 @@ Recipes (`step_loss`):
   clean-chip anchor: on clean chips it must keep the frozen model's embeddings and its
   face-to-face similarities, so the similarity scale does not drift (pipeline.losses).
 - distill_pairs: distill, plus pulling together pairs of the batch from one confident cluster.
+- student: a fresh small network (`pipeline.student`) learns to match the starting model's
+  embeddings and face-to-face similarities on the same augmented chips
+  (`student_distillation_loss`), for faster embedding. Same data, loop, validation and
+  checkpoint as the other recipes; only the trained model differs in architecture from the
+  starting one, and its validation baseline is the starting model (the teacher).
 Pseudo-labels can be filtered by cluster confidence and identity size before any recipe
 (`filter_pseudo_labels`).
 
@@ -55,14 +60,17 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from pipeline.config import TrainConfig
-from pipeline.embed import Embedder, Preprocessing, save_checkpoint
+from pipeline.embed import Embedder, Preprocessing, create_embedder, save_checkpoint
 from pipeline.errors import FacemineError
+from pipeline.hashing import open_input
 from pipeline.losses import (
     MarginSoftmaxHead,
     cosine_distillation_loss,
     same_label_pair_loss,
     similarity_preservation_loss,
+    student_distillation_loss,
 )
+from pipeline.student import STUDENT_MOBILENET
 from pipeline.verification import evaluate_pairs, sample_verification_pairs
 
 logger = logging.getLogger(__name__)
@@ -113,7 +121,7 @@ class ChipDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            with open_input(path) as file, Image.open(file) as image:  # a file, or an object of an s3:// export
                 chip = torch.from_numpy(np.array(image.convert("RGB")))
         except OSError as error:
             raise FacemineError(f"cannot read chip {path}: {error}") from error
@@ -326,7 +334,8 @@ class _TrainingData:
     def build(cls, samples: str | Path | Samples, size: int, config: TrainConfig, context: DistributedContext) -> _TrainingData:
         pairs = [(str(path), str(label)) for path, label in read_samples(samples)]
         class_names, labels = np.unique([label for _, label in pairs], return_inverse=True)
-        transform = face_augmentation(config, size) if config.recipe == "margin" else TwoViews(wild_degradation(size))
+        one_view = config.recipe in ("margin", "student")
+        transform = face_augmentation(config, size) if one_view else TwoViews(wild_degradation(size))
         dataset = ChipDataset([Path(path) for path, _ in pairs], labels.tolist(), size, transform)
         batch_size = min(config.batch_size, len(dataset) // context.world_size)
         if batch_size < 2:
@@ -355,7 +364,10 @@ class _Run:
     @classmethod
     def start(cls, embedder: Embedder, data: _TrainingData, config: TrainConfig, context: DistributedContext) -> _Run:
         torch.manual_seed(config.seed)  # head initialisation
-        work = _working_copy(embedder, config, context.device)
+        if config.recipe == "student":
+            work = _fresh_student(embedder, context.device)
+        else:
+            work = _working_copy(embedder, config, context.device)
         head = teacher = None
         if config.recipe == "margin":
             head = MarginSoftmaxHead(
@@ -368,15 +380,22 @@ class _Run:
                 partial_fraction=config.partial_fc_fraction,
                 label_smoothing=config.label_smoothing,
             ).to(context.device)
+        elif config.recipe == "student":
+            # The teacher only embeds: its traced inference copy is faster, with equal outputs.
+            teacher = _frozen_copy(embedder, context.device).for_inference()
         else:
             teacher = _frozen_copy(embedder, context.device)
         trainable = [parameter for parameter in work.module.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.SGD(
-            trainable + (list(head.parameters()) if head is not None else []),
-            lr=scaled_learning_rate(config, data.batch_size * context.world_size),
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
+        parameters = trainable + (list(head.parameters()) if head is not None else [])
+        learning_rate = scaled_learning_rate(config, data.batch_size * context.world_size)
+        if config.recipe == "student":
+            # A fresh network: SGD at a fine-tuning learning rate barely moves it, while base_lr's
+            # default (2.5e-3 at batch 64) is AdamW's usual range for training from scratch.
+            optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=config.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(
+                parameters, lr=learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+            )
         total_steps = config.epochs * data.steps_per_epoch
         warmup_steps = min(round(config.warmup_epochs * data.steps_per_epoch), total_steps - 1)
         amp_dtype = autocast_dtype(context.device, config.mixed_precision)
@@ -477,7 +496,9 @@ def _train(
     else:
         if run.head is not None and config.imprint_centers and config.base_model != "fresh":
             run.head.imprint(_class_means(run, data, config))
-        run.baseline = validation.metrics(run, data.batch_size, config) if context.is_main else {}
+        # The baseline is the starting model: the teacher, for a student.
+        starting = run.teacher if config.recipe == "student" else run.embedder
+        run.baseline = validation.metrics(starting, run.amp_dtype, data.batch_size, config) if context.is_main else {}
 
     backbone = _parallel(run.embedder.module, context)
     head = _parallel(run.head, context) if run.head is not None else None
@@ -488,7 +509,7 @@ def _train(
         loader = _train_loader(data.dataset, data.batch_size, config, context, run.epoch)
         entry = {"epoch": run.epoch + 1, **_train_epoch(run, backbone, head, loader, config, context)}
         if context.is_main:
-            entry |= validation.metrics(run, data.batch_size, config)
+            entry |= validation.metrics(run.embedder, run.amp_dtype, data.batch_size, config)
         run.epoch += 1
         run.history.append(entry)
         logger.info("epoch %s", entry)
@@ -519,6 +540,18 @@ def _working_copy(embedder: Embedder, config: TrainConfig, device: torch.device)
                 submodule.reset_parameters()
     freeze_early_parameters(work.module, config.freeze_fraction)
     return work
+
+
+def _fresh_student(teacher: Embedder, device: torch.device) -> Embedder:
+    """The student recipe's model: a fresh `pipeline.student` network, every layer trained."""
+    student = create_embedder(STUDENT_MOBILENET, device=device)
+    if student.preprocessing != teacher.preprocessing:
+        raise FacemineError(
+            f"{STUDENT_MOBILENET} takes {student.preprocessing.input_size}px {student.preprocessing.template} chips "
+            f"and gives {student.preprocessing.embedding_dim}-d embeddings; the current model ({teacher.kind}) "
+            "differs, so it cannot teach it"
+        )
+    return student
 
 
 def _frozen_copy(embedder: Embedder, device: torch.device) -> Embedder:
@@ -568,12 +601,16 @@ def step_loss(
 ) -> tuple[Tensor, int]:
     """(loss, correctly classified chips; 0 for the distillation recipes) of one batch.
 
-    `chips`: (B, H, W, 3) for the margin recipe, (B, 2, H, W, 3) clean and degraded views for the
-    distillation recipes.
+    `chips`: (B, H, W, 3) for the margin and student recipes, (B, 2, H, W, 3) clean and degraded
+    views for the distillation recipes.
     """
     if config.recipe == "margin":
         output = head(forward_embeddings(backbone, run.embedder, chips, run.amp_dtype), labels)
         return output.loss, int((output.cosine.argmax(dim=1) == output.targets).sum())
+    if config.recipe == "student":
+        with torch.no_grad():
+            target = forward_embeddings(run.teacher.module, run.teacher, chips, run.amp_dtype)
+        return student_distillation_loss(forward_embeddings(backbone, run.embedder, chips, run.amp_dtype), target), 0
     clean, degraded = chips[:, 0], chips[:, 1]
     with torch.no_grad():
         target = forward_embeddings(run.teacher.module, run.teacher, clean, run.amp_dtype)
@@ -650,10 +687,10 @@ class _Validation:
         dataset = ChipDataset([samples[index][0] for index in used], [0] * len(used), size)
         return cls(dataset, inverse[: len(index_a)], inverse[len(index_a) :], same)
 
-    def metrics(self, run: _Run, batch_size: int, config: TrainConfig) -> dict[str, float]:
+    def metrics(self, embedder: Embedder, amp_dtype: torch.dtype | None, batch_size: int, config: TrainConfig) -> dict[str, float]:
         if self.dataset is None:
             return {}
-        embeddings = embed_dataset(run.embedder, _eval_loader(self.dataset, batch_size, config), run.amp_dtype)
+        embeddings = embed_dataset(embedder, _eval_loader(self.dataset, batch_size, config), amp_dtype)
         report = evaluate_pairs(embeddings[self.index_a], embeddings[self.index_b], self.same, seed=config.seed)
         return {f"val_{name}": value for name, value in report.as_dict().items()}
 

@@ -1,18 +1,22 @@
 """Embedding shards: one float32 .npy matrix plus a face-id vector per shard, per model.
 
-Shards are memory-mapped on read, so the vectors of 10 million faces never need to sit in
-memory at once; SQL keeps only the (model, face) -> (shard, row) index.
+In a folder, shards are memory-mapped on read, so the vectors of 10 million faces never need to
+sit in memory at once; on object storage a shard's bytes are read whole (one GET), one shard at a
+time. SQL keeps only the (model, face) -> (shard, row) index: a shard under a fresh key counts
+once the commit naming it is done, so one half written by a crash is an object nothing names.
 """
 from __future__ import annotations
 
 import io
+import posixpath
 import uuid
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import FacemineError
-from storage.files import atomic_write_bytes
+from storage.dataroot import DataRoot
+
+IDS_SUFFIX, VECTORS_SUFFIX = ".ids.npy", ".npy"
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -22,24 +26,33 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 
 class EmbeddingShards:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
+    def __init__(self, root: DataRoot) -> None:
+        self.root = root
 
     def write(self, model_hash: str, face_ids: np.ndarray, vectors: np.ndarray) -> str:
-        """Write one shard atomically; returns its path relative to the data folder."""
+        """Write one shard atomically under a fresh key; returns its path relative to the data root."""
         if len(face_ids) != len(vectors):
             raise ValueError("face_ids and vectors differ in length")
-        relative = Path("embeddings") / model_hash[:16] / f"{uuid.uuid4().hex}"
+        relative = f"embeddings/{model_hash[:16]}/{uuid.uuid4().hex}"
         # Ids first: a shard is only valid once its vectors file exists.
-        atomic_write_bytes(self.data_dir / f"{relative}.ids.npy", _npy_bytes(np.asarray(face_ids, np.int64)))
-        atomic_write_bytes(self.data_dir / f"{relative}.npy", _npy_bytes(np.asarray(vectors, np.float32)))
-        return relative.as_posix()
+        self.root.write_bytes(f"{relative}{IDS_SUFFIX}", _npy_bytes(np.asarray(face_ids, np.int64)))
+        self.root.write_bytes(f"{relative}{VECTORS_SUFFIX}", _npy_bytes(np.asarray(vectors, np.float32)))
+        return relative
+
+    def files(self, relative: str) -> list[str]:
+        """The files of a shard, relative to the data root."""
+        return [f"{relative}{IDS_SUFFIX}", f"{relative}{VECTORS_SUFFIX}"]
+
+    def ids(self, relative: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.root.read_bytes(f"{relative}{IDS_SUFFIX}")))
 
     def open(self, relative: str) -> tuple[np.ndarray, np.ndarray]:
-        """(face_ids, vectors) of a shard; vectors are memory-mapped."""
-        ids = np.load(self.data_dir / f"{relative}.ids.npy")
-        vectors = np.load(self.data_dir / f"{relative}.npy", mmap_mode="r")
-        return ids, vectors
+        """(face_ids, vectors) of a shard; vectors are memory-mapped in a folder."""
+        if self.root.is_local:
+            vectors = np.load(self.root.local_path(f"{relative}{VECTORS_SUFFIX}"), mmap_mode="r")
+        else:
+            vectors = np.load(io.BytesIO(self.root.read_bytes(f"{relative}{VECTORS_SUFFIX}")))
+        return self.ids(relative), vectors
 
     def gather(self, face_ids: np.ndarray, shard_of: np.ndarray, rows: np.ndarray, shard_paths: list[str]) -> np.ndarray:
         """Vectors of `face_ids`, in that order, each read at the row `rows[i]` of shard
@@ -67,4 +80,4 @@ class EmbeddingShards:
 
         The old files stay: the caller deletes them once the index names the new shard."""
         ids, vectors = self.open(relative)
-        return self.write(Path(relative).parent.name, ids[rows], np.asarray(vectors[rows]))
+        return self.write(posixpath.basename(posixpath.dirname(relative)), ids[rows], np.asarray(vectors[rows]))

@@ -4,15 +4,15 @@
 Both may run while a `mine` or `cluster` run is going. Runs write chips and embedding shards
 BEFORE the transaction that names them (`Store.write_mine_shard`), so a file nothing names yet
 may be one a running shard is about to commit: only files older than a grace period are ever
-removed as orphans, and a chip a run reuses is touched (`ChipStore.put`) so its age restarts.
+removed as orphans, and a chip a run reuses is claimed again (`ChipStore.put`) so its age restarts.
+Files are those of the data root (`storage.dataroot`): a folder, or object storage, where an
+object that a crash left before its commit is such an orphan.
 The SQL part runs in one transaction, which takes the write lock every shard write takes
 (`storage.db`: BEGIN IMMEDIATE on SQLite, an advisory lock on PostgreSQL): no shard commits
 between what is read and what is changed.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,9 +24,10 @@ from sqlalchemy.orm import Session
 
 from pipeline.errors import FacemineError
 from pipeline.ingest import path_from_key, path_key
+from storage.dataroot import is_partial_write
 from storage.db import get_engine, in_chunks
-from storage.exports import is_export_staging, remove_faces_from_exports
-from storage.files import is_partial_write
+from storage.embeddings import IDS_SUFFIX, VECTORS_SUFFIX
+from storage.exports import remove_faces_from_exports, unfinished_exports
 from storage.identities import latest_run_id
 from storage.schema import (
     DOCTOR,
@@ -48,27 +49,17 @@ from storage.store import Store
 # commit; an hour leaves a wide margin (a run stalled for longer leaves faces `doctor` reports
 # as missing their chip, and a re-run of it writes the chip again).
 DEFAULT_GRACE_SECONDS = 3600
-IDS_SUFFIX, VECTORS_SUFFIX = ".ids.npy", ".npy"
 # Log files of facemine's runs in the data folder (`flows.progress`), which may name photos.
 LOGS_DIR = "logs"
 
 
-# ---- files on disk -------------------------------------------------------------------------
+# ---- files of the data root ------------------------------------------------------------
 
 
-def _age_seconds(path: Path, now: float) -> float | None:
-    """Seconds since `path` was last written or claimed; None when it is gone."""
-    try:
-        return now - path.stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _age_seconds(store: Store, relative: str, now: float) -> float | None:
+    """Seconds since `relative` was last written or claimed; None when it is gone."""
+    modified = store.root.modified(relative)
+    return None if modified is None else now - modified
 
 
 @dataclass
@@ -79,27 +70,19 @@ class _Files:
 
 
 def _scan(store: Store) -> _Files:
-    """Chips, shard files and partial writes under the data folder (Prefect's home is its own)."""
-    root = store.data_dir
-    skip = {store.settings.prefect_home.resolve()}
+    """Chips, shard files and partial writes (temporary files, unfinished exports) of the data root."""
     found = _Files()
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        for name in list(dirs):
-            if (here / name).resolve() in skip:
-                dirs.remove(name)
-            elif is_export_staging(here / name):
-                dirs.remove(name)
-                found.partial.append((here / name).relative_to(root).as_posix())
-        for name in files:
-            relative = (here / name).relative_to(root).as_posix()
-            if is_partial_write(here / name):
+    for prefix in ("chips", "embeddings"):
+        for entry in store.root.list(prefix):
+            relative = entry.relative
+            if is_partial_write(relative):
                 found.partial.append(relative)
-            elif relative.startswith("chips/") and name.endswith(".png"):
+            elif prefix == "chips" and relative.endswith(".png"):
                 found.chips.add(relative)
-            elif relative.startswith("embeddings/") and name.endswith(VECTORS_SUFFIX):
-                shard = relative.removesuffix(IDS_SUFFIX) if name.endswith(IDS_SUFFIX) else relative.removesuffix(VECTORS_SUFFIX)
+            elif prefix == "embeddings" and relative.endswith(VECTORS_SUFFIX):
+                shard = relative.removesuffix(IDS_SUFFIX) if relative.endswith(IDS_SUFFIX) else relative.removesuffix(VECTORS_SUFFIX)
                 found.shard_files.setdefault(shard, []).append(relative)
+    found.partial += unfinished_exports(list(store.root.list("exports", with_folders=True)))
     return found
 
 
@@ -123,9 +106,10 @@ class _ShardPlan:
         return self.rows - len(self.keep_rows)
 
 
-def _plan_shards(store: Store, session: Session, drop_faces: set[int]) -> list[_ShardPlan]:
+def _plan_shards(store: Store, session: Session, drop_faces: set[int], listed: set[str] = frozenset()) -> list[_ShardPlan]:
     """For every recorded shard: the rows its index names (less `drop_faces`); index rows whose
-    shard file is missing or whose row holds another face are dangling."""
+    shard file is missing or whose row holds another face are dangling. `listed`: shards whose
+    files a listing found (asked again for the others: on object storage, one request a file)."""
     index: dict[int, list[tuple[int, int, int]]] = {}
     for model_id, face_id, shard_id, row in session.execute(
         select(Embedding.model_id, Embedding.face_id, Embedding.shard_id, Embedding.row)
@@ -135,14 +119,17 @@ def _plan_shards(store: Store, session: Session, drop_faces: set[int]) -> list[_
     for shard_id, path, model_id in session.execute(
         select(EmbeddingShard.id, EmbeddingShard.path, EmbeddingShard.model_id).order_by(EmbeddingShard.id)
     ):
-        files = [store.data_dir / f"{path}{IDS_SUFFIX}", store.data_dir / f"{path}{VECTORS_SUFFIX}"]
         named = index.get(shard_id, [])
-        plan = _ShardPlan(shard_id, path, model_id, exists=all(f.is_file() for f in files))
-        if not plan.exists:
+        exists = path in listed or all(store.root.is_file(file) for file in store.shards.files(path))
+        try:
+            ids = store.shards.ids(path) if exists else None
+        except FileNotFoundError:  # removed since the listing
+            ids = None
+        plan = _ShardPlan(shard_id, path, model_id, exists=ids is not None)
+        if ids is None:
             plan.bad_index = [(model, face) for model, face, _ in named]
             plans.append(plan)
             continue
-        ids = np.load(files[0])
         plan.rows = len(ids)
         keep = []
         for model, face, row in named:
@@ -188,10 +175,6 @@ def _apply_shard_plans(store: Store, session: Session, plans: list[_ShardPlan]) 
         if plan.exists:
             retired.append(plan.path)
     return retired
-
-
-def _shard_file_paths(store: Store, shard: str) -> list[Path]:
-    return [store.data_dir / f"{shard}{IDS_SUFFIX}", store.data_dir / f"{shard}{VECTORS_SUFFIX}"]
 
 
 # ---- faces ---------------------------------------------------------------------------------
@@ -265,19 +248,20 @@ def doctor(store: Store, fix: bool = False, grace_seconds: float = DEFAULT_GRACE
         now = time.time()
 
         def old_enough(relative: str) -> bool:
-            age = _age_seconds(store.data_dir / relative, now)
+            age = _age_seconds(store, relative, now)
             if age is not None and age < grace_seconds:
                 report.young_files_kept.append(relative)
             return age is not None and age >= grace_seconds
 
         chip_of_face = dict(session.execute(select(Face.id, Face.chip_path)).tuples().all())
         referenced = set(chip_of_face.values())
-        missing_chips = {chip for chip in referenced - files.chips if not (store.data_dir / chip).is_file()}
+        missing_chips = {chip for chip in referenced - files.chips if not store.root.is_file(chip)}
         report.faces_without_chip = sorted(face for face, chip in chip_of_face.items() if chip in missing_chips)
         report.orphan_chips = sorted(chip for chip in files.chips - referenced if old_enough(chip))
         report.partial_writes = sorted(path for path in files.partial if old_enough(path))
 
-        plans = _plan_shards(store, session, set(report.faces_without_chip))
+        complete = {shard for shard, paths in files.shard_files.items() if len(paths) == 2}
+        plans = _plan_shards(store, session, set(report.faces_without_chip), complete)
         recorded = {plan.path for plan in plans}
         report.missing_shards = sorted(plan.path for plan in plans if not plan.exists)
         report.dangling_index = sorted(pair for plan in plans for pair in plan.bad_index)
@@ -302,15 +286,14 @@ def doctor(store: Store, fix: bool = False, grace_seconds: float = DEFAULT_GRACE
             counts = {"faces_without_chip": len(report.faces_without_chip)}
             _audit(session, who, DOCTOR, None, f"removed {counts['faces_without_chip']} faces whose chip file was missing", counts)
         for relative in report.orphan_chips + report.partial_writes + report.unlisted_shard_files:
-            age = _age_seconds(store.data_dir / relative, time.time())
+            age = _age_seconds(store, relative, time.time())
             if age is not None and age >= grace_seconds:  # not claimed again by a run meanwhile
-                _remove(store.data_dir / relative)
-    # After the commit. Replaced shard files stay one more grace period, touched: a reader that
+                store.root.delete(relative)
+    # After the commit. Replaced shard files stay one more grace period, claimed: a reader that
     # looked up their path before the commit can still read them; a later doctor removes them.
     for shard in retired:
-        for path in _shard_file_paths(store, shard):
-            if path.exists():
-                os.utime(path)
+        for relative in store.shards.files(shard):
+            store.root.claim(relative)
     empty_sqlite_log(store)  # old pages of rows deleted before (a forget beside a busy run)
     report.fixed = True
     return report
@@ -320,8 +303,7 @@ def _rows_of(store: Store, plan: _ShardPlan, faces: set[int]) -> int:
     """How many rows of a shard hold a vector of one of `faces` (live or dead copies)."""
     if not faces or not plan.exists:
         return 0
-    ids = np.load(store.data_dir / f"{plan.path}{IDS_SUFFIX}")
-    return int(np.isin(ids, list(faces)).sum())
+    return int(np.isin(store.shards.ids(plan.path), list(faces)).sum())
 
 
 # ---- forget --------------------------------------------------------------------------------
@@ -600,12 +582,13 @@ def forget_faces(store: Store, selection: Selection, who: str, why: str | None =
             session.execute(text("PRAGMA secure_delete=OFF"))
     counts["sqlite_log_cleared"] = int(empty_sqlite_log(store)) if sqlite else 0
     # After the commit, so a failed transaction leaves every file its rows name. A chip claimed
-    # again since (the same photo mined again meanwhile) is newer than `started` and stays.
+    # again since (the same photo mined again meanwhile) is newer than `started` and stays; object
+    # storage keeps times in whole seconds, so a chip of the second `started` falls in stays too.
     for shard in removed_shards:
-        for path in _shard_file_paths(store, shard):
-            path.unlink(missing_ok=True)
+        for relative in store.shards.files(shard):
+            store.root.delete(relative)
     for chip in erasure.chips - still_used:
-        path = store.data_dir / chip
-        if path.is_file() and path.stat().st_mtime <= started:
-            path.unlink()
+        modified = store.root.modified(chip)
+        if modified is not None and modified <= started - store.root.time_resolution:
+            store.root.delete(chip)
     return counts

@@ -15,6 +15,7 @@ from sqlalchemy import func, select, update
 
 from pipeline.config import ClusterConfig
 from pipeline.errors import FacemineError
+from pipeline.hashing import is_url, open_input
 from storage.schema import DatasetExport, LoopIteration, Model, TrainingRun
 from storage.store import Store
 
@@ -39,26 +40,35 @@ def pick_export(store: Store, export_id: int | None = None) -> dict:
                 "run_id": row.run_id, "model_id": row.model_id}
 
 
-def export_samples(export_path: str | Path) -> dict[str, list[tuple[Path, str]]]:
+def _export_file(export_path: str | Path, relative: str) -> Path | str:
+    """A file of an export: a path in a folder root, a URL on object storage (read with
+    `pipeline.hashing.open_input`)."""
+    return f"{str(export_path).rstrip('/')}/{relative}" if is_url(str(export_path)) else Path(export_path) / relative
+
+
+def _manifest(export_path: str | Path, columns: list[str]) -> pd.DataFrame:
+    try:
+        with open_input(_export_file(export_path, "manifest.parquet")) as file:
+            return pd.read_parquet(file, columns=columns)
+    except OSError:
+        raise FacemineError(f"export folder {export_path} has no manifest.parquet: was it moved or deleted?") from None
+
+
+def export_samples(export_path: str | Path) -> dict[str, list[tuple[Path | str, str]]]:
     """(chip file, identity) per split ("train", "val") from an export's manifest."""
-    root = Path(export_path)
-    manifest_path = root / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise FacemineError(f"export folder {root} has no manifest.parquet: was it moved or deleted?")
-    manifest = pd.read_parquet(manifest_path, columns=["identity", "chip_path", "split"])
+    manifest = _manifest(export_path, ["identity", "chip_path", "split"])
     return {
-        split: [(root / chip, str(identity)) for chip, identity in zip(rows.chip_path, rows.identity)]
+        split: [(_export_file(export_path, chip), str(identity)) for chip, identity in zip(rows.chip_path, rows.identity)]
         for split in EXPORT_SPLITS
         for rows in [manifest[manifest.split == split]]
     }
 
 
-def export_confidences(export_path: str | Path) -> dict[Path, float]:
+def export_confidences(export_path: str | Path) -> dict[Path | str, float]:
     """chip file -> the confidence its clustering assigned the face with."""
-    root = Path(export_path)
-    manifest = pd.read_parquet(root / "manifest.parquet", columns=["chip_path", "confidence", "split"])
+    manifest = _manifest(export_path, ["chip_path", "confidence", "split"])
     exported = manifest[manifest.split.isin(EXPORT_SPLITS)]
-    return {root / chip: float(confidence) for chip, confidence in zip(exported.chip_path, exported.confidence)}
+    return {_export_file(export_path, chip): float(confidence) for chip, confidence in zip(exported.chip_path, exported.confidence)}
 
 
 # ---- training runs ----------------------------------------------------------------------------

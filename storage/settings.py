@@ -13,10 +13,10 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -59,10 +59,26 @@ class MineConfig(BaseModel):
     retry_delay_seconds: float = Field(default=2.0, ge=0.0)
     # Decode photos in this many threads while the models run.
     decode_workers: int = Field(default=2, ge=1)
-    # Processes mining shards side by side; 0 = automatic: one per CPU core without a GPU
-    # (MTCNN's many small operations use a core each better than two threads share them),
-    # one with a GPU (the GPU is what they would share).
+    # Processes mining shards side by side; 0 = automatic: one (on Dask, one per Dask worker),
+    # whose miner detects and embeds on a thread per core it may use (see
+    # `pipeline.mining.Miner.compute_threads`), holding the models once: as fast as a process
+    # per core and half the memory on 2 cores (benchmarks/mine_throughput.py).
     workers: int = Field(default=0, ge=0)
+
+
+class ExecutionConfig(BaseModel):
+    """Where a flow's fanned-out tasks (mining, embedding, per-subset clustering shards) run."""
+
+    # "process": this machine (one worker in-process, or a process pool); "dask": a Dask cluster.
+    task_runner: Literal["process", "dask"] = "process"
+    # An existing Dask scheduler (`tcp://host:8786`) whose workers all see the data root and the
+    # database; empty: a local Dask cluster is started for each run.
+    dask_address: str = ""
+    # Worker processes of that local cluster, and how many workers shards are spread over.
+    dask_workers: int = Field(default=2, ge=1)
+    # Dask worker resource that GPU tasks claim one of when the device is CUDA
+    # (`dask worker --resources GPU=1` on GPU machines); CPU tasks run on any worker.
+    gpu_resource: str = Field(default="GPU", min_length=1)
 
 
 class ServeConfig(BaseModel):
@@ -90,6 +106,19 @@ class ServeConfig(BaseModel):
         except (ZoneInfoNotFoundError, ValueError) as error:
             raise ValueError(f"unknown time zone {name!r} (use an IANA name such as Europe/Paris)") from error
         return name
+
+
+class ObjectStoreConfig(BaseModel):
+    """How every machine reaches an object-storage data root (`data_root = "s3://bucket/prefix"`).
+    Unset key and secret: s3fs's usual credential chain (AWS_* variables, ~/.aws, instance role),
+    best outside tests: settings travel whole (to workers, into flow-run parameters), a secret too."""
+
+    # An S3-compatible server other than AWS (MinIO, Ceph, the tests' moto server).
+    endpoint_url: str | None = None
+    key: str | None = None
+    secret: str | None = None
+    # Further fsspec storage options, passed as they are (e.g. {"client_kwargs": {"region_name": "eu-west-1"}}).
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class _CheckedTomlSource(TomlConfigSettingsSource):
@@ -141,6 +170,11 @@ class Settings(BaseSettings):
     data_dir: Path = Path("facemine-data")
     # Any SQLAlchemy URL; defaults to a SQLite file inside data_dir.
     database_url: str | None = None
+    # Where chips, embedding shards and exports live, seen by every machine: a folder (a shared
+    # mount) or an fsspec URL (s3://bucket/prefix). Default: data_dir. The database, logs and
+    # Prefect's home stay in data_dir, on each machine.
+    data_root: str | None = None
+    object_store: ObjectStoreConfig = Field(default_factory=ObjectStoreConfig)
     shared_models_dir: Path = DEFAULT_SHARED_MODELS
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     detect: DetectConfig = Field(default_factory=DetectConfig)
@@ -153,6 +187,7 @@ class Settings(BaseSettings):
     train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     review: QueueConfig = Field(default_factory=QueueConfig)
 
     @classmethod
@@ -169,24 +204,32 @@ class Settings(BaseSettings):
             raise FacemineError(f"FACEMINE_CONFIG names {named}, which does not exist")
         return init_settings, env_settings, _CheckedTomlSource(settings_cls, toml_file=Path(named or "facemine.toml"))
 
+    @model_validator(mode="after")
+    def _shared_root_needs_named_database(self) -> "Settings":
+        # Machines sharing a data root must share its index: with one SQLite file per machine, each
+        # machine's `doctor` would delete the others' chips and shards as unreferenced.
+        if self.data_root_is_remote and self.database_url is None:
+            raise FacemineError(
+                f"data_root {self.data_root} is object storage: set database_url too (PostgreSQL for several "
+                "machines; an explicit sqlite:/// file for one)"
+            )
+        return self
+
+    @property
+    def data_root_is_remote(self) -> bool:
+        """Whether the data root is an fsspec URL other than a local folder."""
+        return self.data_root is not None and "://" in self.data_root and not self.data_root.startswith("file://")
+
     @cached_property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'facemine.db').resolve()}"
 
     @property
-    def chips_dir(self) -> Path:
-        return self.data_dir / "chips"
-
-    @property
-    def embeddings_dir(self) -> Path:
-        return self.data_dir / "embeddings"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.data_dir / "exports"
-
-    @property
     def models_dir(self) -> Path:
+        # Trained weights go to a shared folder root, where every machine can load them; with an
+        # object-storage root they stay in this machine's data folder (torch writes files).
+        if self.data_root is not None and not self.data_root_is_remote:
+            return Path(self.data_root.removeprefix("file://")) / "models"
         return self.data_dir / "models"
 
     @property

@@ -10,6 +10,7 @@ from sqlalchemy import delete, distinct, func, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline.errors import FacemineError
+from storage.dataroot import open_data_root
 from storage.db import in_chunks, migrate, session_scope
 from storage.embeddings import EmbeddingShards
 from storage.files import ChipStore
@@ -82,11 +83,13 @@ class Store:
     def __init__(self, settings: Settings, create: bool = True) -> None:
         self.settings = settings
         self.url = settings.db_url
-        self.data_dir = settings.data_dir
-        self.chips = ChipStore(settings.data_dir)
-        self.shards = EmbeddingShards(settings.data_dir)
+        self.data_dir = settings.data_dir  # this machine's: the SQLite file, logs, Prefect's home
+        self.root = open_data_root(settings)  # everyone's: chips, embedding shards, exports
+        self.chips = ChipStore(self.root)
+        self.shards = EmbeddingShards(self.root)
         if create:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self.root.prepare()
             migrate(self.url)
 
     def session(self):  # noqa: ANN201 - context manager of Session

@@ -52,9 +52,9 @@ def write_holdout_csvs(folder: Path) -> tuple[Path, Path]:
 def prepared_store(factory: pytest.TempPathFactory) -> Prepared:
     """The session's mined LFW store (8 people x 8 photos), clustered and exported once, with the
     held-out faces already detected (cached in its data folder). Needs the Prefect harness."""
-    from flows.cluster import run_cluster
-    from flows.holdout import load_holdout
     from storage.exports import export_dataset
+    from usecases.clustering import run_cluster
+    from usecases.holdout import load_holdout
 
     root = factory.getbasetemp() / "retrain-prepared"
     prepared = Prepared(root / "data", root / "holdout" / "pairs.csv", root / "holdout" / "labels.csv")

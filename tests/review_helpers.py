@@ -34,7 +34,7 @@ def lfw_paths(people: Sequence[str] = PEOPLE, per_person: int = PHOTOS_PER_PERSO
 
 
 def mine_into(data_dir: Path, paths: list[str]) -> None:
-    from flows.mine import mine_paths
+    from usecases.mining import mine_paths
 
     summary = mine_paths(SUBSET, paths, Settings(data_dir=data_dir))
     assert summary["photos_new"] == len(paths), summary

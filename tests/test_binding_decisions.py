@@ -15,9 +15,7 @@ from sqlalchemy import select, update
 from test_decisions_survive import identity_of_person, perturbed_sface, run_members
 
 from facemine_cli import main
-from flows.cluster import run_cluster
-from flows.embed import embed_faces
-from flows.runtime import register
+from usecases.embedding import embed_faces
 from labeling.actions import Labeler
 from labeling.queue import CONFLICT, MERGE, build_queue
 from pipeline.identities import ReviewState, review_constraints
@@ -27,6 +25,8 @@ from storage.identities import face_table, latest_run_id
 from storage.schema import Constraint, Decision
 from storage.settings import Settings
 from storage.store import Store
+from usecases.clustering import run_cluster
+from usecases.runtime import register
 
 
 def members(store: Store) -> dict[int, set[int]]:

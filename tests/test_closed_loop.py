@@ -32,7 +32,7 @@ def test_two_iterations_with_model_changes_keep_a_named_identity(
     Labeler(store, who="tester").name(named, "Reviewed Person")
     # Force promotions so that both iterations re-embed and re-cluster with a new model (the gate
     # itself is tested in test_gate.py and test_retrain_flow.py).
-    monkeypatch.setattr("flows.train.judge", lambda *args: GateVerdict(True, True, "clustering_bcubed_f", "promoted by the test"))
+    monkeypatch.setattr("usecases.training.judge", lambda *args: GateVerdict(True, True, "clustering_bcubed_f", "promoted by the test"))
     sface = store.current_model()
 
     result = closed_loop(iterations=2, loop_name="test", config=small_train_config(), min_churn=0.0)

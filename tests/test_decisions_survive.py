@@ -12,15 +12,15 @@ import pytest
 import torch
 from review_helpers import mined_store_copy, people_faces
 
-from flows.cluster import run_cluster
-from flows.embed import embed_faces
-from flows.runtime import register
+from usecases.embedding import embed_faces
 from labeling.actions import Labeler
 from pipeline.embed import create_embedder, save_checkpoint
 from storage import decisions
 from storage.identities import assignments, face_table, identity_rows, latest_run_id, run_info
 from storage.settings import Settings
 from storage.store import Store
+from usecases.clustering import run_cluster
+from usecases.runtime import register
 
 pytestmark = pytest.mark.slow
 

@@ -13,13 +13,14 @@ from review_helpers import lfw_paths
 from sqlalchemy import select
 
 from facemine_cli import main
-from flows.mine import mine_paths
+from storage.dataroot import DataRoot
 from storage.files import ChipStore
 from storage.identities import face_table
 from storage.maintenance import DEFAULT_GRACE_SECONDS, doctor
 from storage.schema import EmbeddingShard
 from storage.settings import Settings
 from storage.store import Store
+from usecases.mining import mine_paths
 
 HOURS_AGO = time.time() - 2 * DEFAULT_GRACE_SECONDS
 
@@ -40,7 +41,7 @@ def shard_paths(store: Store) -> list[str]:
 
 
 def test_chip_put_claims_an_existing_chip_again(tmp_path):
-    chips = ChipStore(tmp_path)
+    chips = ChipStore(DataRoot(tmp_path))
     chip = np.full((4, 4, 3), 7, np.uint8)
     path = age(tmp_path / chips.put(chip))
     assert chips.put(chip) == path.relative_to(tmp_path).as_posix()
@@ -91,9 +92,9 @@ def test_doctor_reports_and_fixes_each_kind_exactly(tmp_path, monkeypatch):
     age(old_tmp)
     fresh_tmp = data / "embeddings" / ".abc.npy.q9.tmp"
     fresh_tmp.write_bytes(b"half a shard")
-    old_chip = data / ChipStore(data).put(np.full((8, 8, 3), 1, np.uint8))
+    old_chip = data / ChipStore(DataRoot(data)).put(np.full((8, 8, 3), 1, np.uint8))
     age(old_chip)
-    fresh_chip = data / ChipStore(data).put(np.full((8, 8, 3), 2, np.uint8))
+    fresh_chip = data / ChipStore(DataRoot(data)).put(np.full((8, 8, 3), 2, np.uint8))
     unlisted = store.shards.write(store.current_model().weights_hash, np.array([999]), np.ones((1, 128), np.float32))
     for suffix in (".ids.npy", ".npy"):
         age(data / f"{unlisted}{suffix}")

@@ -16,8 +16,7 @@ from sqlalchemy import select
 
 import flows
 from facemine_cli import main
-from flows.cluster import run_cluster
-from flows.mine import mine_paths
+from usecases.mining import mine_paths
 from labeling.actions import Labeler
 from pipeline.config import ExportConfig
 from storage.exports import export_dataset
@@ -25,6 +24,7 @@ from storage.identities import assignments, face_table, latest_run_id
 from storage.schema import Base, Decision, DatasetExport, Identity, PhotoPath
 from storage.settings import Settings
 from storage.store import Store
+from usecases.clustering import run_cluster
 
 PEOPLE = ("Hans_Blix", "Serena_Williams", "Vladimir_Putin")
 NAME = "Forgettable Person"

@@ -18,6 +18,7 @@ from pipeline.losses import (
     same_label_pair_loss,
     sample_partial_classes,
     similarity_preservation_loss,
+    student_distillation_loss,
     subcenter_cosine,
 )
 
@@ -198,3 +199,16 @@ def test_pair_loss_pulls_same_label_pairs_only() -> None:
     loss = same_label_pair_loss(embeddings, torch.tensor([0, 1, 2]))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(embeddings.grad, torch.zeros_like(apart))
+
+
+def test_student_loss_falls_as_the_student_approaches_its_teacher() -> None:
+    teacher = AXES[:3]
+    # Each face leans towards the shared free direction e4, less and less: both the direction
+    # and the similarity term shrink, to exactly 0 at the teacher.
+    losses = [student_distillation_loss(teacher + pull * AXES[4], teacher).item() for pull in (1.0, 0.5, 0.2, 0.0)]
+    assert losses == sorted(losses, reverse=True) and len(set(losses)) == len(losses)
+    assert losses[-1] == pytest.approx(0.0, abs=1e-6)
+    pulled = teacher + 0.5 * AXES[4]
+    assert student_distillation_loss(pulled, teacher, relation_weight=2.0).item() == pytest.approx(
+        cosine_distillation_loss(pulled, teacher).item() + 2.0 * similarity_preservation_loss(pulled, teacher).item()
+    )

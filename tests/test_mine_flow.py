@@ -132,7 +132,7 @@ def test_rerun_adds_nothing_and_changed_photo_is_redone(tmp_path, data_dir, pref
 
 
 def test_shards_shrink_so_that_workers_finish_together() -> None:
-    from flows.mine import shard_paths
+    from usecases.mining import shard_paths
 
     paths = [f"{index}.jpg" for index in range(3214)]
     assert [len(shard) for shard in shard_paths(paths, 1000)] == [1000, 1000, 1000, 214]
@@ -197,7 +197,7 @@ def _image_count(data_dir: Path) -> int:
 
 
 def _mine_in_process(settings: Settings, paths: list[str]) -> None:
-    from flows.mine import mine_paths
+    from usecases.mining import mine_paths
 
     mine_paths("c", paths, settings)
 

@@ -194,7 +194,7 @@ def test_evaluate_refuses_truth_that_matches_no_photo(world: dict, cli, tmp_path
 
 
 def test_evaluate_prints_coverage_and_scores_mined_photos_only(world: dict, cli):  # noqa: ANN001
-    from flows.evaluate import evaluate_run
+    from usecases.evaluation import evaluate_run
 
     mined = world["truth"]
     labels = world["photos"] / "labels.csv"

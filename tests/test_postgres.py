@@ -1,24 +1,19 @@
 """Storage on PostgreSQL: migrations, idempotent shard writes and concurrent runs on real photos.
 
-A throwaway server is started per module (initdb + pg_ctl, unix socket only, so no port is
-taken); every test gets a fresh database in it.
+A throwaway server is started per module (tests/postgres_server.py); every test gets a fresh
+database in it.
 """
+# ruff: noqa: F811
 from __future__ import annotations
 
-import itertools
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from sqlalchemy import URL, create_engine, text
+from sqlalchemy import create_engine, text
 
+# The server's fixtures, used by name (hence the file-wide noqa: pytest's idiom for shared fixtures).
+from postgres_server import postgres_server, postgres_url  # noqa: F401
 from storage.db import get_engine
 from storage.settings import Settings
 from storage.store import Store
@@ -26,77 +21,6 @@ from test_mine_flow import assert_concurrent_runs_create_no_duplicates, assert_s
 from test_storage import schema_differences
 
 pytest.importorskip("psycopg", reason="the PostgreSQL driver is in the `postgres` and `test` extras")
-
-SUPERUSER = "facemine"
-
-
-def _server_tool(name: str) -> str | None:
-    """A PostgreSQL server binary: on PATH, else where Debian's `postgresql` package keeps it."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda d: int(d.parent.name), reverse=True)
-    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *map(str, debian)]))
-
-
-def _as_server_user(root: Path) -> list[str]:
-    """Command prefix to run the server's tools: PostgreSQL refuses to run as root."""
-    if os.geteuid() != 0:
-        return []
-    try:
-        account = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("running as root without a `postgres` user to run the PostgreSQL server as")
-    os.chown(root, account.pw_uid, account.pw_gid)
-    return ["runuser", "-u", "postgres", "--"]
-
-
-def _url(socket_dir: Path, database: str) -> str:
-    url = URL.create("postgresql+psycopg", username=SUPERUSER, database=database, query={"host": str(socket_dir)})
-    return url.render_as_string(hide_password=False)
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[Path]:
-    """A PostgreSQL server for this module; yields the folder of its unix socket."""
-    initdb, pg_ctl = _server_tool("initdb"), _server_tool("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-    # Not under pytest's tmp folder: that one is private to the user running pytest.
-    root = Path(tempfile.mkdtemp(prefix="facemine-pg-"))
-    data = root / "data"
-    try:
-        prefix = _as_server_user(root)
-        run = [*prefix, initdb, "-D", str(data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync"]
-        subprocess.run(run, check=True, capture_output=True)
-        # Unix socket only (-h ''), no fsync: a throwaway server that takes no TCP port.
-        server_options = f"-h '' -k {root} -F"
-        log = root / "server.log"
-        start = [*prefix, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-o", server_options, "start"]
-        started = subprocess.run(start, capture_output=True, text=True)
-        if started.returncode != 0:
-            server_log = log.read_text() if log.exists() else ""
-            pytest.fail(f"PostgreSQL did not start: {started.stdout}{started.stderr}{server_log}")
-        try:
-            yield root
-        finally:
-            stop = [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]
-            subprocess.run(stop, check=True, capture_output=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-_database_numbers = itertools.count()
-
-
-@pytest.fixture
-def postgres_url(postgres_server: Path) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, empty database on the module's server."""
-    name = f"facemine_{next(_database_numbers)}"
-    admin = create_engine(_url(postgres_server, "postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = _url(postgres_server, name)
-    yield url
-    get_engine(url).dispose()
 
 
 def test_migrations_create_exactly_the_models_schema(tmp_path, postgres_url):
@@ -108,7 +32,7 @@ def test_migrations_create_exactly_the_models_schema(tmp_path, postgres_url):
 
 
 def test_mined_shard_is_stored_once(tmp_path, postgres_url):
-    from flows.mine import mine_paths
+    from usecases.mining import mine_paths
 
     settings = Settings(data_dir=tmp_path / "data", database_url=postgres_url)
     photos = [str(p) for p in lfw_photos(6, start=3000)]

@@ -15,8 +15,8 @@ import pytest
 from torchvision.datasets import ImageFolder
 
 from conftest import DATA
-from flows.evaluate import evaluate_run
-from flows.mine import mine_paths, shard_paths
+from usecases.evaluation import evaluate_run
+from usecases.mining import mine_paths, shard_paths
 from storage import identities as identity_store
 from storage.exports import export_dataset
 from storage.settings import Settings
@@ -65,7 +65,7 @@ def test_lfw_pairs_verified_at_sface_threshold(lfw_store: Store, lfw_faces: pd.D
 
 @pytest.fixture(scope="module")
 def lfw_run(lfw_store: Store) -> int:
-    from flows.cluster import run_cluster
+    from usecases.clustering import run_cluster
 
     return run_cluster(lfw_store, lfw_store.settings)
 

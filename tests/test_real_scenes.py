@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import DATA
-from flows.mine import mine_paths
+from usecases.mining import mine_paths
 from pipeline.config import IngestConfig
 from pipeline.ingest import iter_image_files
 from storage import identities as identity_store

@@ -3,6 +3,8 @@ photos, reviewed identities, pseudo-identities), per-model calibration, failures
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +19,7 @@ from pipeline.config import GateConfig, TrainConfig
 from pipeline.embed import create_embedder
 from pipeline.errors import FacemineError
 from pipeline.gate import judge
+from pipeline.holdout import PSEUDO
 from storage import registry
 from storage.holdout import HoldoutCache
 from storage.store import Store
@@ -173,10 +176,36 @@ def test_candidate_not_beating_current_by_the_margin_is_kept_not_promoted(
     assert "verification_accuracy" in registry.model_record(store, base.id)["metrics"]
 
 
+def test_the_judging_use_case_runs_plainly_with_the_gpu_slot_it_is_given(store: Store) -> None:
+    from usecases.holdout import choose_judge, judge_metrics
+
+    export = registry.export_samples(registry.pick_export(store)["path"])
+    exported = {label for rows in export.values() for _, label in rows}
+    judged_by = choose_judge(store, export, GateConfig(), pairs_csv=None)  # nothing configured: pseudo-identities
+    assert judged_by.source == PSEUDO and len(judged_by.identities) == max(2, round(0.2 * len(exported)))
+    slots: list[str] = []
+
+    @contextmanager
+    def gpu() -> Iterator[None]:
+        slots.append("taken")
+        yield
+
+    base = store.current_model()
+    metrics = judge_metrics(store.settings, base.id, judged_by, export, gpu)
+
+    assert slots == ["taken", "taken"]  # embedding the calibration sample, then the held-out faces
+    assert metrics["holdout_identities"] == len(judged_by.identities)
+    assert metrics["holdout_faces"] == sum(label in judged_by.identities for rows in export.values() for _, label in rows)
+    assert metrics["clustering_floor"] == metrics["calibration"]["cluster_min_similarity"]
+    assert registry.model_record(store, base.id)["metrics"]["calibration"] == metrics["calibration"]
+    # Same model, same faces, same seeded sample: the same figures.
+    assert judge_metrics(store.settings, base.id, judged_by, export) == metrics
+
+
 def test_held_out_faces_are_detected_once_and_cached(store: Store, prepared: Prepared) -> None:
     cached = sorted(path.name for path in HoldoutCache(store.data_dir).root.iterdir())
     assert len(cached) == 1 and cached[0].endswith(".faces.npz")
-    from flows.holdout import load_holdout
+    from usecases.holdout import load_holdout
 
     holdout = load_holdout(store.settings, str(prepared.pairs), str(prepared.truth))
     assert holdout.found.mean() > 0.9  # LFW photos are centred faces

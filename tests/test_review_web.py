@@ -191,7 +191,7 @@ def test_fifty_items_with_keys_then_undo(store, browser, tmp_path):
 def test_real_clusters_help_name_click_and_screenshot(store, browser, tmp_path):
     """Real clustering of 64 LFW photos: faces at 112+ px, every key in the footer and on the
     help screen, a name typed in the prompt, a labelled button, q stops the server."""
-    from flows.cluster import run_cluster
+    from usecases.clustering import run_cluster
 
     run_cluster(store, store.settings)
     for server in serve(store, tmp_path, min_faces=2):

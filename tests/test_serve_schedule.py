@@ -59,7 +59,7 @@ def test_deployments_carry_schedules_and_parameters_from_settings(tmp_path: Path
         train=TrainConfig(epochs=3, margin=0.4),
     )
     deployments = by_name(settings)
-    assert list(deployments) == ["mine-watch", "cluster-scheduled", "retrain", "closed-loop"]
+    assert list(deployments) == ["mine-watch", "cluster-scheduled", "retrain", "sweep", "closed-loop"]
 
     watch = deployments["mine-watch"]
     assert watch.entrypoint == "flows.mine.mine"
@@ -78,14 +78,17 @@ def test_deployments_carry_schedules_and_parameters_from_settings(tmp_path: Path
         # The UI's run form starts from the configured training parameters.
         assert deployment.parameters["config"] == settings.train.model_dump(mode="json")
         assert deployment.enforce_parameter_schema
+    # A sweep's form starts from one configuration: the configured one.
+    assert deployments["sweep"].parameters == {"configs": [settings.train.model_dump(mode="json")]}
+    assert deployments["sweep"].schedules == [] and deployments["sweep"].enforce_parameter_schema
     assert [describe_schedule(d) for d in deployments.values()] == [
-        "every 600 s", "cron 30 2 * * * (Europe/Paris)", "launched by hand (UI or API)", "launched by hand (UI or API)",
+        "every 600 s", "cron 30 2 * * * (Europe/Paris)", *["launched by hand (UI or API)"] * 3,
     ]
 
 
 def test_mine_watch_is_left_out_without_watch_folders(tmp_path: Path) -> None:
     plan = build_deployments(Settings(data_dir=tmp_path))
-    assert [d.name for d in plan.deployments] == ["cluster-scheduled", "retrain", "closed-loop"]
+    assert [d.name for d in plan.deployments] == ["cluster-scheduled", "retrain", "sweep", "closed-loop"]
     assert "FACEMINE_SERVE__WATCH_FOLDERS" in plan.skipped["mine-watch"]
 
 

@@ -8,8 +8,9 @@ from alembic.migration import MigrationContext
 
 from pipeline.errors import FacemineError
 from storage.db import get_engine
+from storage.dataroot import DataRoot, atomic_write_bytes
 from storage.embeddings import EmbeddingShards
-from storage.files import ChipStore, atomic_write_bytes
+from storage.files import ChipStore
 from storage.schema import Base
 from storage.settings import Settings
 from storage.store import Store
@@ -28,7 +29,7 @@ def test_migrations_create_exactly_the_models_schema(tmp_path):
 
 
 def test_embedding_shards_gather_reads_the_indexed_row_memory_mapped(tmp_path):
-    shards = EmbeddingShards(tmp_path)
+    shards = EmbeddingShards(DataRoot(tmp_path))
     rng = np.random.default_rng(0)
     first = shards.write("a" * 64, np.array([5, 1, 9]), rng.normal(size=(3, 4)))
     second = shards.write("a" * 64, np.array([7, 1]), rng.normal(size=(2, 4)))  # face 1 again: a newer vector
@@ -47,7 +48,7 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     def explode(*_args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("storage.files.os.replace", explode)
+    monkeypatch.setattr("storage.dataroot.os.replace", explode)
     with pytest.raises(OSError):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
@@ -55,7 +56,7 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
 
 
 def test_chips_are_content_addressed(tmp_path):
-    chips = ChipStore(tmp_path)
+    chips = ChipStore(DataRoot(tmp_path))
     chip = np.full((112, 112, 3), 7, np.uint8)
     path = chips.put(chip)
     assert chips.put(chip.copy()) == path and Path(path).stem == Path(path).name.removesuffix(".png")

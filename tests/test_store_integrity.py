@@ -12,8 +12,7 @@ from sqlalchemy import delete, select, text
 
 from conftest import DATA
 from facemine_cli import main
-from flows.cluster import run_cluster
-from flows.mine import mine_paths
+from usecases.mining import mine_paths
 from labeling.actions import Labeler
 from storage.decisions import load_review_state
 from storage.identities import assignments, face_table, largest_face_identity
@@ -21,6 +20,7 @@ from storage.schema import Base, Constraint, Decision, Face, Image, PhotoPath
 from storage.settings import Settings
 from storage.schema import ORPHANED
 from storage.store import Store
+from usecases.clustering import run_cluster
 from usecases.runtime import miner_for
 
 LFW = DATA / "lfw" / "images"

@@ -6,6 +6,9 @@ else a share of pseudo-identities). `judge_metrics` calibrates a model on unlabe
 (pipeline.calibration, stored on the model row as `metrics["calibration"]`) and scores it on the
 held-out people at that operating point.
 
+GPU work runs inside `gpu` (a context-manager factory; none by default): the flows pass their
+Prefect concurrency slot (`flows.gpu.gpu_slot`), plain callers run without one.
+
 The faces of configured validation photos are detected once (largest face per photo) and cached
 with their chips per alignment template (`storage.holdout`); each model then only embeds the
 cached chips. Their metrics are stored with the model (`Model.metrics`, keyed by
@@ -15,21 +18,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger
-
 from PIL import Image
 
-from flows.evaluate import read_truth
-from flows.gpu import gpu_slot
 from pipeline.calibration import calibrate
 from pipeline.config import GateConfig
 from pipeline.detect import FaceDetector
 from pipeline.errors import FacemineError
+from pipeline.hashing import open_input
 from pipeline.holdout import (
     CONFIGURED,
     JUDGED_BY,
@@ -46,7 +49,13 @@ from storage import registry
 from storage.holdout import HoldoutCache, holdout_key, read_pairs
 from storage.settings import Settings
 from storage.store import Store
+from usecases.evaluation import read_truth
 from usecases.runtime import inference_embedder, store_for
+
+logger = logging.getLogger(__name__)
+
+# Where GPU-heavy work runs: a factory of context managers (the flows' Prefect concurrency slot).
+GpuSlot = Callable[[], AbstractContextManager]
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ def evaluation_key(holdout: Holdout, settings: Settings) -> str:
     return hashlib.sha256(f"{holdout.key}{json.dumps(scoring, sort_keys=True)}".encode()).hexdigest()[:24]
 
 
-def load_holdout(settings: Settings, pairs_csv: str | None, truth_csv: str | None) -> Holdout | None:
+def load_holdout(
+    settings: Settings, pairs_csv: str | None, truth_csv: str | None, gpu: GpuSlot = nullcontext
+) -> Holdout | None:
     """The validation photos of a pairs CSV and/or a labels CSV, faces detected on first use."""
     if not pairs_csv and not truth_csv:
         return None
@@ -90,7 +101,7 @@ def load_holdout(settings: Settings, pairs_csv: str | None, truth_csv: str | Non
     cache = HoldoutCache(settings.data_dir)
     landmarks = cache.landmarks(key, paths)
     if landmarks is None:
-        landmarks = detect_largest_faces(paths, settings)
+        landmarks = detect_largest_faces(paths, settings, gpu)
         cache.save_landmarks(key, paths, landmarks)
     if np.isnan(landmarks[:, 0, 0]).all():
         raise FacemineError(f"no face found in any of the {len(paths)} validation photos")
@@ -108,12 +119,12 @@ def load_holdout(settings: Settings, pairs_csv: str | None, truth_csv: str | Non
     )
 
 
-def detect_largest_faces(paths: list[str], settings: Settings) -> np.ndarray:
+def detect_largest_faces(paths: list[str], settings: Settings, gpu: GpuSlot = nullcontext) -> np.ndarray:
     """(N, 5, 2) landmarks of each photo's largest face, NaN for unreadable or faceless photos."""
     detector = FaceDetector(settings.detect, device=settings.embed.device, max_side=settings.ingest.detect_max_side)
     landmarks = np.full((len(paths), 5, 2), np.nan)
     batch = settings.detect.batch_size
-    with gpu_slot():
+    with gpu():
         for start in range(0, len(paths), batch):
             readable: dict[int, np.ndarray] = {}
             for index in range(start, min(start + batch, len(paths))):
@@ -141,7 +152,9 @@ def holdout_chips(holdout: Holdout, template: str, settings: Settings) -> np.nda
     return chips
 
 
-def holdout_metrics(settings: Settings, model_id: int, holdout: Holdout, floor: float) -> dict:
+def holdout_metrics(
+    settings: Settings, model_id: int, holdout: Holdout, floor: float, gpu: GpuSlot = nullcontext
+) -> dict:
     """Held-out metrics of a stored model on configured photos: verification_* on the pairs,
     clustering_* on the labels at the model's calibrated `floor`.
 
@@ -156,7 +169,7 @@ def holdout_metrics(settings: Settings, model_id: int, holdout: Holdout, floor: 
     embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
     chips = holdout_chips(holdout, embedder.preprocessing.template, settings)
     vectors = np.zeros((len(holdout.paths), embedder.preprocessing.embedding_dim), np.float32)
-    with gpu_slot():
+    with gpu():
         vectors[holdout.found] = embedder.embed(chips, batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
     metrics: dict = {}
     if holdout.pairs is not None:
@@ -170,7 +183,7 @@ def holdout_metrics(settings: Settings, model_id: int, holdout: Holdout, floor: 
             vectors[index], holdout.found[index], holdout.truth.identity.to_numpy(), settings.cluster, floor
         )
     registry.update_model_metrics(store, model_id, {**metrics, "holdout": key})
-    get_run_logger().info("held-out metrics of model %s: %s", model.name, metrics)
+    logger.info("held-out metrics of model %s: %s", model.name, metrics)
     return metrics
 
 
@@ -233,16 +246,16 @@ def training_samples(
 def _read_chips(paths: list[Path]) -> np.ndarray:
     chips = []
     for path in paths:
-        with Image.open(path) as image:
+        with open_input(path) as file, Image.open(file) as image:  # a file, or an object of an s3:// export
             chips.append(np.asarray(image.convert("RGB")))
     return np.stack(chips)
 
 
-def _embed_chip_files(settings: Settings, model_id: int, paths: list[Path]) -> np.ndarray:
+def _embed_chip_files(settings: Settings, model_id: int, paths: list[Path], gpu: GpuSlot) -> np.ndarray:
     store = store_for(settings)
     model = store.model(model_id)
     embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
-    with gpu_slot():
+    with gpu():
         return embedder.embed(_read_chips(paths), batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
 
 
@@ -257,31 +270,38 @@ def calibration_sample(
     return rows
 
 
-def calibrate_model(settings: Settings, model_id: int, sample: list[tuple[Path, str]]) -> dict:
+def calibrate_model(
+    settings: Settings, model_id: int, sample: list[tuple[Path, str]], gpu: GpuSlot = nullcontext
+) -> dict:
     """The model's operating points on these chips (pairs within one pseudo-identity left out);
     stored on its row (`metrics["calibration"]`)."""
-    vectors = _embed_chip_files(settings, model_id, [path for path, _ in sample])
+    vectors = _embed_chip_files(settings, model_id, [path for path, _ in sample], gpu)
     calibration = calibrate(vectors, np.array([label for _, label in sample]))
     registry.update_model_metrics(store_for(settings), model_id, {"calibration": calibration})
     return calibration
 
 
 def judge_metrics(
-    settings: Settings, model_id: int, judge: Judge, export_samples: dict[str, list[tuple[Path, str]]]
+    settings: Settings,
+    model_id: int,
+    judge: Judge,
+    export_samples: dict[str, list[tuple[Path, str]]],
+    gpu: GpuSlot = nullcontext,
 ) -> dict:
     """Calibrate the model on the export's (unlabelled) chips, then score it on the held-out people
     at its own floor. Returns verification_*, clustering_* and the calibration under `calibration`."""
     gate = settings.gate
-    calibration = calibrate_model(settings, model_id, calibration_sample(export_samples, gate.calibration_faces))
+    calibration = calibrate_model(settings, model_id, calibration_sample(export_samples, gate.calibration_faces), gpu)
     floor = calibration["cluster_min_similarity"]
     if judge.source == CONFIGURED:
-        metrics = holdout_metrics(settings, model_id, load_holdout(settings, judge.pairs_csv, judge.truth_csv), floor)
+        holdout = load_holdout(settings, judge.pairs_csv, judge.truth_csv, gpu)
+        metrics = holdout_metrics(settings, model_id, holdout, floor, gpu)
     else:
         held_out = set(judge.identities)
         rows = [(path, label) for split in export_samples.values() for path, label in split if label in held_out]
-        vectors = _embed_chip_files(settings, model_id, [path for path, _ in rows])
+        vectors = _embed_chip_files(settings, model_id, [path for path, _ in rows], gpu)
         metrics = identity_holdout_metrics(
             vectors, np.array([label for _, label in rows]), floor, settings.cluster, gate.holdout_max_pairs
         )
-    get_run_logger().info("model %d judged on %s at floor %.4f: %s", model_id, judge.description, floor, metrics)
+    logger.info("model %d judged on %s at floor %.4f: %s", model_id, judge.description, floor, metrics)
     return {**metrics, "calibration": calibration}

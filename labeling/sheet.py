@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import FacemineError
 from labeling.actions import IdentityInfo
-from storage.files import atomic_write_bytes, encode_png
+from storage.dataroot import atomic_write_bytes
+from storage.files import encode_png
 from storage.identities import face_table
 from storage.store import Store
 

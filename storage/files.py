@@ -6,8 +6,7 @@ import hashlib
 import cv2
 import numpy as np
 
-# atomic_write_bytes lives with the data root; it is imported from here by the local caches.
-from storage.dataroot import DataRoot, atomic_write_bytes  # noqa: F401
+from storage.dataroot import DataRoot
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import FacemineError
-from storage.files import atomic_write_bytes
+from storage.dataroot import atomic_write_bytes
 
 
 def read_pairs(pairs_csv: Path) -> pd.DataFrame:

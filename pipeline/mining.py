@@ -175,6 +175,7 @@ class Miner:
             for (record, detection, chip), embedding in zip(pending, embeddings)
         ]
 
+
 def build_miner(
     ingest: IngestConfig,
     detect: DetectConfig,

@@ -144,6 +144,29 @@ class DataRoot:
         else:
             self.fs.pipe_file(self.path(relative), data)
 
+    def create_exclusive(self, relative: str, data: bytes = b"") -> bool:
+        """Write a new file only if none exists under that name (False when one does): the one
+        step that lets machines racing for a name agree on who took it.
+
+        In a folder, O_CREAT | O_EXCL; on S3, a PUT with `If-None-Match: *` (s3fs's "create"
+        mode). A store that ignores that header (older S3-compatible servers) lets both writers
+        through: such stores must not race for names."""
+        if self.is_local:
+            path = self.local_path(relative)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return True
+        try:
+            self.fs.pipe_file(self.path(relative), data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
     def read_bytes(self, relative: str) -> bytes:
         return self.fs.cat_file(self.path(relative))
 

@@ -7,6 +7,7 @@ written last, is what makes the version finished: a version without one is an un
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import posixpath
@@ -29,6 +30,8 @@ from storage.schema import DatasetExport
 from storage.store import Store
 
 MANIFEST, MANIFEST_CSV, CARD = "manifest.parquet", "manifest.csv", "dataset_card.json"
+# On object storage: the marker claiming a version while it is written (`_claim_version`).
+CLAIM = ".claim"
 # Staging folder of a version being written in a folder (`export_dataset`); left behind only by a
 # killed export. A version's own folder or prefix: vN.
 _STAGING_NAME = re.compile(r"^\.v\d+\.")
@@ -48,6 +51,29 @@ def _next_version(store: Store, name: str, prefix: str) -> int:
     versions = {entry.relative.split("/")[2] for entry in store.root.list(prefix, with_folders=True)}
     on_disk = [int(version[1:]) for version in versions if _VERSION_NAME.match(version)]
     return max([stored, *on_disk]) + 1
+
+
+def _claim_version(store: Store, name: str, prefix: str) -> int:
+    """The next version of an export on object storage, claimed by a marker object that only one
+    writer can create: two exports of one name started at once on two machines would otherwise
+    pick one number and write into each other's prefix (objects are written in place there)."""
+    while True:
+        version = _next_version(store, name, prefix)
+        if store.root.create_exclusive(f"{prefix}/v{version}/{CLAIM}"):
+            return version
+
+
+def _publish(store: Store, staging: str, name: str, prefix: str, version: int) -> int:
+    """Rename a finished staging folder to vN, taking the next free N when another export took N
+    meanwhile (a rename never replaces a folder that has files). The files name no version."""
+    while True:
+        try:
+            store.root.rename_folder(staging, f"{prefix}/v{version}")
+            return version
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            version = _next_version(store, name, prefix)
 
 
 def run_faces(store: Store, run_id: int) -> pd.DataFrame:
@@ -70,7 +96,7 @@ def export_dataset(store: Store, name: str, config: ExportConfig, run_id: int | 
     if summary["faces"] == 0:
         raise FacemineError("nothing to export: no identity has enough faces")
     model = store.model(run["model_id"])
-    version = _next_version(store, name, prefix)
+    version = _next_version(store, name, prefix) if store.root.is_local else _claim_version(store, name, prefix)
     # The card holds no version or time: exporting one run twice gives identical files.
     card = {
         "name": name,
@@ -98,7 +124,10 @@ def export_dataset(store: Store, name: str, config: ExportConfig, run_id: int | 
         store.root.write_bytes(f"{staging}/{CARD}", _card_text(card).encode())
         store.root.write_bytes(f"{staging}/{MANIFEST}", _parquet_bytes(manifest))
         if staging != final:
-            store.root.rename_folder(staging, final)
+            version = _publish(store, staging, name, prefix, version)
+            final = f"{prefix}/v{version}"
+        else:
+            store.root.delete(f"{final}/{CLAIM}")  # finished: its objects now hold the version
     except BaseException:
         store.root.delete(staging)
         raise

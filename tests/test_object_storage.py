@@ -243,3 +243,37 @@ def test_photos_are_mined_from_an_s3_url_as_from_their_folder(s3_server, tmp_pat
     columns = ["content_hash", "face_index", "chip_path", "passed"]
     assert len(tables[0]) == 6  # Hans Blix 0001 and 0003 hold more than one face
     pd.testing.assert_frame_equal(tables[0][columns].reset_index(drop=True), tables[1][columns].reset_index(drop=True))
+
+
+def test_exports_racing_for_one_version_take_different_ones(two_stores, monkeypatch):
+    """Two exports of one name started at once on two machines: on S3 each claims its version
+    with a create-only PUT, in a folder a rename never replaces the other's version."""
+    from storage import exports
+
+    config = ExportConfig(min_faces_per_identity=1, val_fraction=0.0)
+    local, remote = two_stores
+    for store in (local, remote):
+        run_cluster(store, store.settings)
+    # S3: another machine has just claimed the next version and is writing it.
+    assert remote.root.create_exclusive("exports/race/v1/.claim")
+    assert not remote.root.create_exclusive("exports/race/v1/.claim")
+    written = export_dataset(remote, "race", config)
+    assert written["version"] == 2
+    keys = sorted(entry.relative for entry in remote.root.list("exports/race"))
+    assert keys[0] == "exports/race/v1/.claim"  # the other machine's claim, untouched
+    assert not [key for key in keys[1:] if not key.startswith("exports/race/v2/") or key.endswith(".claim")]
+    manifest = pd.read_parquet(io.BytesIO(remote.root.read_bytes(f"exports/race/v2/{MANIFEST}")))
+    chips = {f"exports/race/v2/{path}" for path in manifest.chip_path if path}
+    assert len(chips) >= 7 and set(keys[1:]) == chips | {f"exports/race/v2/{name}" for name in (MANIFEST, "manifest.csv", "dataset_card.json")}
+    # Folder: the other export finished v1 between this one choosing 1 and renaming its staging folder.
+    first = export_dataset(local, "race", config)
+    stale = iter([first["version"]])
+    real = exports._next_version
+    monkeypatch.setattr(exports, "_next_version", lambda *args: next(stale, None) or real(*args))
+    second = export_dataset(local, "race", config)
+    assert (first["version"], second["version"]) == (1, 2)
+    assert second["path"].endswith("/exports/race/v2")
+    folders = sorted(path.name for path in local.root.local_path("exports/race").iterdir())
+    assert folders == ["v1", "v2"]
+    manifests = [local.root.read_bytes(f"exports/race/{folder}/{MANIFEST}") for folder in folders]
+    assert manifests[0] == manifests[1]

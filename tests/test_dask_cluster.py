@@ -209,6 +209,46 @@ def test_gpu_tasks_land_on_gpu_workers_only(dask_cluster, prefect_harness):
     assert spread(gpu=False) == {"worker-0", "worker-1"}
 
 
+@task
+def hold_gpu_slot(seconds: float) -> tuple[str, float, float]:
+    """(worker, start, end) of holding the `facemine-gpu` slot for `seconds`."""
+    from distributed import get_worker
+
+    from flows import gpu
+
+    gpu._limit_exists.cache_clear()  # a worker may have asked before this test created the limit
+    with gpu.gpu_slot():
+        started = time.time()
+        time.sleep(seconds)
+        return str(get_worker().name), started, time.time()
+
+
+def test_the_gpu_concurrency_limit_holds_across_dask_workers(dask_cluster, prefect_harness):
+    """`facemine serve`'s `facemine-gpu` limit of 1: tasks on two workers take turns holding it."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.gpu import GPU_SLOT
+
+    on_cluster = Settings(execution={"task_runner": "dask", "dask_address": dask_cluster.address})
+
+    @flow
+    def take_turns() -> list[tuple[str, float, float]]:
+        with task_runner(on_cluster, 2) as runner:
+            futures = [runner.submit(hold_gpu_slot, {"seconds": 1.0}) for _ in range(4)]
+            return sorted(future.result() for future in futures)
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_SLOT, limit=1))
+        try:
+            held = take_turns()
+        finally:
+            client.delete_global_concurrency_limit_by_name(GPU_SLOT)
+    assert {worker for worker, _, _ in held} == {"worker-0", "worker-1"}
+    spans = sorted((start, end) for _, start, end in held)
+    assert all(later_start >= end for (_, end), (later_start, _) in zip(spans, spans[1:])), spans
+
+
 def test_local_cluster_runs_tasks_in_worker_processes_of_their_own(prefect_harness):
     local = Settings(execution={"task_runner": "dask", "dask_workers": 2})
 

@@ -255,6 +255,17 @@ class DataRoot:
             yield Entry(name[start:], _modified(info), info["type"] == "directory")
 
 
+def local_file(location: str) -> str:
+    """A local path with the bytes of `location`: a path as it is; a URL (trained weights on
+    object storage, `Store.shared_weights`) fetched once into this machine's cache by fsspec's
+    `simplecache`, since torch and onnx load from files. Such URLs name their content (a hash),
+    so a cached copy is never stale."""
+    if "://" not in location or location.startswith("file://"):
+        return location.removeprefix("file://")
+    cache = Path(tempfile.gettempdir()) / f"facemine-{os.getuid()}" / "weights"
+    return fsspec.open_local(f"simplecache::{location}", simplecache={"cache_storage": str(cache)})
+
+
 def object_store_options(config: ObjectStoreConfig) -> dict:
     """fsspec options (endpoint, credentials) of the `object_store` settings."""
     options: dict = {"use_listings_cache": False}  # see other machines' writes at once

@@ -227,7 +227,8 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         # Trained weights go to a shared folder root, where every machine can load them; with an
-        # object-storage root they stay in this machine's data folder (torch writes files).
+        # object-storage root torch writes them here, and registering a model puts them on the
+        # root (`Store.shared_weights`).
         if self.data_root is not None and not self.data_root_is_remote:
             return Path(self.data_root.removeprefix("file://")) / "models"
         return self.data_dir / "models"

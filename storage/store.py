@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel
@@ -346,6 +347,17 @@ class Store:
         return int(keep.sum())
 
     # ---- models ------------------------------------------------------------------------
+
+    def shared_weights(self, weights_path: str, weights_hash: str) -> str:
+        """Where every machine loads trained weights from: a folder data root holds them already
+        (`Settings.models_dir`); on object storage the file is put under `models/<hash>.pt` (one
+        PUT; its name is its content, so it is never rewritten differently) and its URL returned."""
+        if self.root.is_local:
+            return weights_path
+        key = f"models/{weights_hash}{Path(weights_path).suffix}"
+        if not self.root.exists(key):
+            self.root.write_bytes(key, Path(weights_path).read_bytes())
+        return self.root.location(key)
 
     def register_model(
         self,

@@ -6,6 +6,7 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -277,3 +278,24 @@ def test_exports_racing_for_one_version_take_different_ones(two_stores, monkeypa
     assert folders == ["v1", "v2"]
     manifests = [local.root.read_bytes(f"exports/race/{folder}/{MANIFEST}") for folder in folders]
     assert manifests[0] == manifests[1]
+
+
+def test_trained_weights_reach_every_machine_through_the_data_root(two_stores, tmp_path):
+    """A checkpoint registered on one machine is put on S3 under its hash; another machine (no
+    file of it) loads it from the model row's URL and embeds exactly as the first one."""
+    from pipeline.embed import create_embedder, save_checkpoint
+    from usecases import runtime
+
+    _, remote = two_stores
+    sface = runtime.load_embedder("sface", str(remote.settings.default_weights("sface")), "cpu")
+    checkpoint = save_checkpoint(sface, tmp_path / "machine-a" / "trained.pt")
+    trained = create_embedder("checkpoint", checkpoint, device="cpu")
+    model = runtime.register(remote, trained, name="trained")
+    assert model.weights_path == f"s3://facemine-mined/facemine/models/{trained.weights_hash}.pt"
+    assert remote.root.read_bytes(f"models/{trained.weights_hash}.pt") == checkpoint.read_bytes()
+    checkpoint.unlink()  # the other machine never had the file
+    elsewhere = runtime.load_embedder(model.kind, model.weights_path, "cpu")
+    assert elsewhere.weights_hash == trained.weights_hash
+    chips = ChipDataset([remote.root.location(key) for key in sorted(chip_objects(remote))[:4]], range(4), size=112)
+    batch = torch.stack([chips[index][0] for index in range(4)]).numpy()
+    assert np.array_equal(elsewhere.embed(batch), sface.embed(batch))

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 from pipeline.embed import Embedder, create_embedder
 from pipeline.mining import Miner, build_miner
+from storage.dataroot import local_file
 from storage.settings import Settings
 from storage.store import ModelInfo, Store
 
@@ -26,7 +27,8 @@ def _store(settings_json: str) -> Store:
 
 @lru_cache(maxsize=4)
 def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
-    return create_embedder(kind, weights=weights, device=device)
+    """`weights`: a path, or the URL of trained weights on an object-storage data root."""
+    return create_embedder(kind, weights=weights and local_file(weights), device=device)
 
 
 @lru_cache(maxsize=4)
@@ -44,10 +46,16 @@ def register(
 ) -> ModelInfo:
     """Register (get-or-create by weights hash) an embedder; `kind` is its registry name, so
     `load_embedder(model.kind, model.weights_path)` rebuilds it (a checkpoint included)."""
+    weights_path = None
+    if embedder.weights_path:
+        # Trained checkpoints must reach every machine; base weights ship with each installation.
+        weights_path = str(embedder.weights_path)
+        if embedder.name == "checkpoint":
+            weights_path = store.shared_weights(weights_path, embedder.weights_hash)
     return store.register_model(
         name=name or embedder.name,
         kind=embedder.name,
-        weights_path=str(embedder.weights_path) if embedder.weights_path else None,
+        weights_path=weights_path,
         weights_hash=embedder.weights_hash,
         embedding_dim=embedder.preprocessing.embedding_dim,
         preprocessing=dataclasses.asdict(embedder.preprocessing),

@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from pipeline.calibration import CLUSTER_FLOOR_Z, VERIFICATION_Z, calibrate, impostor_statistics
+from pipeline.calibration import VERIFICATION_Z, calibrate, cluster_floor, impostor_statistics
 from pipeline.config import ClusterConfig, GateConfig
 from pipeline.gate import gate_decision, judge, label_churn, should_stop
+from pipeline.graph import MISSING, KnnGraph
 from pipeline.holdout import PSEUDO, REVIEWED, choose_holdout_identities, identity_holdout_metrics
 
 METRIC = "verification_accuracy"
@@ -154,11 +155,63 @@ def test_calibrated_floor_follows_a_shift_of_the_similarity_scale() -> None:
     pulled = calibrate(vectors + 0.4 * np.eye(128)[0])
     assert pulled["impostor_centre"] > base["impostor_centre"] + 0.1
     assert pulled["cluster_min_similarity"] > base["cluster_min_similarity"] + 0.1
-    assert base["cluster_min_similarity"] == pytest.approx(
-        base["impostor_centre"] + CLUSTER_FLOOR_Z * base["impostor_spread"], abs=1e-3)
-    assert base["verification_threshold"] == pytest.approx(
-        base["impostor_centre"] + VERIFICATION_Z * base["impostor_spread"], abs=1e-3)
+    # Strangers only: the floor is where a face expects a quarter of an impostor link above it,
+    # 1999 * P(Z > z) <= 0.25: z = 3.662, the grid's 3.67.
+    centre, spread, _ = impostor_statistics(vectors)
+    assert base["cluster_min_similarity"] == round(centre + 3.67 * spread, 4)
+    assert base["verification_threshold"] == round(centre + VERIFICATION_Z * spread, 4)
     assert base["faces"] == 2000 and base["procedure"].startswith("random-pair")
+
+
+def _graph_of(faces: int, links: int, similarity: float, k: int = 10) -> KnnGraph:
+    """Every face lists `links` other faces at `similarity`, the rest of its k slots empty."""
+    indices = np.full((faces, k), MISSING)
+    similarities = np.full((faces, k), -np.inf, dtype=np.float32)
+    indices[:, :links] = (np.arange(faces)[:, None] + 1 + np.arange(links)) % faces
+    similarities[:, :links] = similarity
+    return KnnGraph(indices, similarities)
+
+
+def test_cluster_floor_keeps_a_quarter_impostor_links_at_most() -> None:
+    # Impostors N(0, 0.1): above t a face expects (N - 1) * P(Z > t / 0.1) impostor links; the floor
+    # is the first grid z (step 0.01) where that is at most a quarter of its links above t.
+    # 1,001 faces with 10 links at 0.5 each: 1000 * P(Z > z) <= 2.5, z = 2.807 -> 0.281.
+    assert cluster_floor(_graph_of(1001, 10, 0.5), 0.0, 0.1) == pytest.approx(0.281)
+    # One link each: 1000 * P(Z > z) <= 0.25, z = 3.481 -> 0.349 (higher: fewer same-person links).
+    assert cluster_floor(_graph_of(1001, 1, 0.5), 0.0, 0.1) == pytest.approx(0.349)
+    # Ten times the faces with the same links: ten times the look-alikes, the floor rises likewise.
+    assert cluster_floor(_graph_of(10001, 10, 0.5), 0.0, 0.1) == pytest.approx(0.349)
+    # 101 faces: 100 * P(Z > z) <= 2.5, z = 1.960 -> 0.196; the floor follows the impostor scale.
+    assert cluster_floor(_graph_of(101, 10, 0.5), 0.0, 0.1) == pytest.approx(0.196)
+    assert cluster_floor(_graph_of(101, 10, 0.7), 0.2, 0.1) == pytest.approx(0.396)
+
+
+def test_cluster_floor_of_a_sample_scales_to_its_collection() -> None:
+    # 1,001 faces with 4 links each (k = 10): on their own 1000 * P(Z > z) <= 1, z = 3.090 -> 0.310.
+    sample = _graph_of(1001, 4, 0.5)
+    assert cluster_floor(sample, 0.0, 0.1) == pytest.approx(0.310)
+    # As a sample of 5,001 faces: 20 same-person links per face, capped at k = 10, against
+    # 5000 * P(Z > z) impostors: 5000 * P(Z > z) <= 2.5, z = 3.291 -> 0.330.
+    assert cluster_floor(sample, 0.0, 0.1, collection_faces=5001) == pytest.approx(0.330)
+    # A full list stays full: 10 links against 10000 * P(Z > z) impostors, z = 3.481 -> 0.349.
+    assert cluster_floor(_graph_of(1001, 10, 0.5), 0.0, 0.1, collection_faces=10001) == pytest.approx(0.349)
+
+
+def test_many_photos_per_person_lower_the_floor_at_one_impostor_distribution() -> None:
+    # 2,000 single-photo people vs 100 people x 20 photos (same-person cosine about 0.48): both
+    # have impostor cosines of random directions in 64 dimensions (centre 0, spread 1/8).
+    rng = np.random.default_rng(3)
+    alone = rng.standard_normal((2000, 64))
+    strangers = calibrate(alone)
+    people = np.repeat(rng.standard_normal((100, 64)), 20, axis=0) + rng.standard_normal((2000, 64))
+    families = calibrate(people)
+    assert families["impostor_spread"] == pytest.approx(strangers["impostor_spread"], rel=0.02)
+    centre, spread, _ = impostor_statistics(alone)
+    assert strangers["cluster_min_similarity"] == round(centre + 3.67 * spread, 4) == 0.4639
+    # Twenty same-person links per face take the floor 0.85 spreads lower.
+    assert families["cluster_min_similarity"] == 0.3573
+    centre, spread, _ = impostor_statistics(people)
+    assert families["verification_threshold"] == round(centre + VERIFICATION_Z * spread, 4)
 
 
 def test_calibration_ignores_a_few_same_person_pairs() -> None:

@@ -47,6 +47,7 @@ from pipeline.verification import evaluate_pairs  # noqa: E402
 from storage import identities as identity_store  # noqa: E402
 from storage.settings import Settings  # noqa: E402
 from storage.store import Store  # noqa: E402
+from usecases.holdout import SPEED_BATCH, embedding_speed  # noqa: E402
 from usecases.mining import mine_paths, shard_paths  # noqa: E402
 
 SFACE = REPO.parent / "shared" / "models" / "sface_2021dec_fp32.onnx"
@@ -95,17 +96,14 @@ def identity_metrics(truth: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def faces_per_second(embedders: dict[str, Embedder], chips: np.ndarray, passes: int = 3) -> dict[str, float]:
-    """Best of `passes` interleaved timings per model (the machine is shared: the best pass is the
-    one least disturbed), each after a warm-up pass."""
+    """Best of `passes` interleaved passes per model, each timed as the gate times a model
+    (usecases.holdout.embedding_speed: batch 64, first batch as warm-up); the machine is shared:
+    the best pass is the one least disturbed."""
     fast = {name: embedder.for_inference() for name, embedder in embedders.items()}
-    for embedder in fast.values():
-        embedder.embed(chips[:BATCH], batch_size=BATCH)
     best = {name: 0.0 for name in fast}
     for _ in range(passes):
         for name, embedder in fast.items():
-            started = time.perf_counter()
-            embedder.embed(chips, batch_size=BATCH)
-            best[name] = max(best[name], len(chips) / (time.perf_counter() - started))
+            best[name] = max(best[name], embedding_speed(embedder, chips)[1])
     return best
 
 
@@ -126,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     teacher = create_embedder("sface", SFACE, device="cpu")
     # Speed depends on the architecture only: measured before training, on a fresh student.
     speed = faces_per_second({"teacher": teacher, "student": create_embedder(STUDENT_MOBILENET, device="cpu")},
-                             held_chips[:4 * BATCH])
+                             held_chips[:4 * SPEED_BATCH])
     print(speed, flush=True)
     rows = [{"model": "sface (teacher)", "epochs": None, "train_cpu_min": None, "faces_per_s": round(speed["teacher"], 1),
              **judge(teacher, held_chips, held_truth, pair_chips, same)}]
@@ -171,7 +169,7 @@ def main() -> None:
           f"BCubed at each model's calibrated floor) and {report['lfw_pairs']} LFW pairs; trained on "
           f"{report['train_chips']} chips of {report['train_people']} other people\n")
     print(table.to_string(index=False, float_format=lambda value: f"{value:.4f}", na_rep="-"))
-    print(f"\nstudent speed: {report['speedup']}x the teacher's (batch {BATCH}, {THREADS} threads)")
+    print(f"\nstudent speed: {report['speedup']}x the teacher's (batch {SPEED_BATCH}, {THREADS} threads)")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
 

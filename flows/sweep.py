@@ -15,6 +15,7 @@ from pydantic import Field
 from flows.train import TASKS
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
+from pipeline.gate import EMBEDDING_SPEED
 from storage.settings import Settings
 from usecases import training
 
@@ -30,13 +31,15 @@ def sweep_artifact(summary: dict) -> None:
 
     candidates = summary["candidates"]
     metric = candidates[0]["gate_metric"] if candidates else "clustering_bcubed_f"
+    speed = "faces/s"  # embedding speed, beside the quality figure (the gate's speed trade)
     rows = [{"model": f"{summary['parent_model_id']} (current)", "configuration": "",
-             metric: figure(summary["current_metrics"], metric), "outcome": ""}]
+             metric: figure(summary["current_metrics"], metric),
+             speed: figure(summary["current_metrics"], EMBEDDING_SPEED), "outcome": ""}]
     rows += [{"model": str(entry["model_id"]), "configuration": str(entry["config"]),
-              metric: figure(entry["candidate_metrics"], metric),
+              metric: figure(entry["candidate_metrics"], metric), speed: figure(entry["candidate_metrics"], EMBEDDING_SPEED),
               "outcome": ("promoted: " if entry["promoted"] else "") + entry["reason"]} for entry in candidates]
-    rows += [{"model": "-", "configuration": str(entry["config"]), metric: None, "outcome": f"failed: {entry['error']}"}
-             for entry in summary["failed"]]
+    rows += [{"model": "-", "configuration": str(entry["config"]), metric: None, speed: None,
+              "outcome": f"failed: {entry['error']}"} for entry in summary["failed"]]
     best = summary["best_model_id"]
     outcome = f"model {best} promoted" if summary["promoted_model_id"] else (
         f"model {best} passed (promotion not requested)" if best else "no candidate passed the gate: kept the current model")

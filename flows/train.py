@@ -14,6 +14,7 @@ from pydantic import Field
 from flows.gpu import gpu_slot
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
+from pipeline.gate import ARCHITECTURE, EMBEDDING_SPEED
 from storage.settings import Settings
 from usecases import training
 from usecases.holdout import Judge
@@ -38,10 +39,12 @@ def evaluate_task(settings: Settings, model_id: int, judged_by: Judge, export_pa
 
 TASKS = training.RetrainSteps(train=train_task, register=register_task, evaluate=evaluate_task)
 
-# Rows of the gate's artifact: the measures both models are judged on, then their operating points.
+# Rows of the gate's artifact: the measures both models are judged on, their embedding speed
+# (faces/s, the gate's speed trade), then their operating points.
 ARTIFACT_MEASURES = (
     "clustering_bcubed_f", "clustering_bcubed_precision", "clustering_bcubed_recall", "verification_auc",
-    "verification_tar@far=0.001", "verification_tar@far=0.01", "verification_accuracy", "clustering_floor",
+    "verification_tar@far=0.001", "verification_tar@far=0.01", "verification_accuracy", EMBEDDING_SPEED,
+    "clustering_floor",
 )
 
 
@@ -55,6 +58,7 @@ def gate_artifact(summary: dict) -> None:
 
     rows = [{"measure": name, "current": figure(current, name), "candidate": figure(candidate, name)}
             for name in ARTIFACT_MEASURES]
+    rows.append({"measure": ARCHITECTURE, "current": current.get(ARCHITECTURE), "candidate": candidate.get(ARCHITECTURE)})
     rows.append({"measure": "calibrated verification threshold",
                  "current": current.get("calibration", {}).get("verification_threshold"),
                  "candidate": candidate.get("calibration", {}).get("verification_threshold")})

@@ -252,6 +252,13 @@ class GateConfig(BaseModel):
         "verification_auc", "verification_tar@far=0.001",
     )
     guard_tolerance: float = Field(default=0.0, ge=0.0)
+    # Speed trade (pipeline.gate.judge): a candidate of another architecture (e.g. the student
+    # recipe's) that is no better still passes when it embeds at least `speed_trade_min_speedup`
+    # times faster than the current model (both timed in the same evaluation on the same machine)
+    # and falls by at most `speed_trade_max_loss` on the gate metric and on every guard metric.
+    # Only across architectures: one architecture's speed differs only by machine noise. 0: no trades.
+    speed_trade_max_loss: float = Field(default=0.005, ge=0.0)
+    speed_trade_min_speedup: float = Field(default=2.0, gt=1.0)
     # Without configured validation data: share of the exported pseudo-identities held out (by
     # identity, never by face), and the fewest identities that can judge.
     holdout_share: float = Field(default=0.2, gt=0.0, le=0.5)

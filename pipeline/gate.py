@@ -3,7 +3,8 @@
 - `gate_decision`: does a retrained model replace the current one? Only when it beats it on one
   held-out metric (higher is better) by more than a margin; ties keep the current model.
 - `judge`: the gate as configured (GateConfig): the primary metric ("auto" picks it from what
-  was measured), guard metrics that may not fall, and whether the models could be judged at all.
+  was measured), guard metrics that may not fall, whether the models could be judged at all, and
+  the speed trade (a slightly worse model of another architecture that embeds much faster).
 - `label_churn`: how much of the labelling changed between two clustering runs.
 - `should_stop`: the closed loop's stopping rule over the iterations so far.
 """
@@ -16,6 +17,10 @@ from dataclasses import dataclass
 from pipeline.config import GateConfig
 
 AUTO_METRICS = ("clustering_bcubed_f", "verification_auc")
+# Recorded beside the quality figures when a model is evaluated (usecases.holdout.calibrate_model):
+# faces/s at batch 64 on the evaluating device, and the network architecture (`Embedder.kind`).
+EMBEDDING_SPEED = "embedding_faces_per_second"
+ARCHITECTURE = "architecture"
 
 
 def gate_decision(
@@ -54,7 +59,10 @@ def _measured(metrics: Mapping[str, float], name: str) -> bool:
 
 def judge(candidate: Mapping[str, float], current: Mapping[str, float], config: GateConfig) -> GateVerdict:
     """The gate's verdict: the candidate must beat the current model on the primary metric by more
-    than `min_improvement`, and lose no guard metric (measured on both) by more than `guard_tolerance`."""
+    than `min_improvement`, and lose no guard metric (measured on both) by more than `guard_tolerance`;
+    else it may still pass as a speed trade (`_speed_trade`). Both models are compared as evaluated,
+    each at its own calibrated operating point: a scale shift buys no promotion, nor does speed
+    beyond the configured loss."""
     metric = config.metric
     if metric == "auto":
         metric = next((name for name in AUTO_METRICS if _measured(candidate, name) and _measured(current, name)),
@@ -68,10 +76,51 @@ def judge(candidate: Mapping[str, float], current: Mapping[str, float], config: 
         if guard != metric and _measured(candidate, guard) and _measured(current, guard)
         and candidate[guard] < current[guard] - config.guard_tolerance
     ]
-    if passed and falls:
-        return GateVerdict(True, False, metric, f"{reason.removesuffix(': promoted')} but fell on {'; '.join(falls)}: "
-                                                "kept the current model")
-    return GateVerdict(True, passed, metric, reason)
+    if passed and not falls:
+        return GateVerdict(True, True, metric, reason)
+    traded, trade_reason = _speed_trade(candidate, current, metric, config)
+    if traded:
+        return GateVerdict(True, True, metric, trade_reason)
+    if passed:  # better on the gate metric, but a guard fell
+        reason = f"{reason.removesuffix(': promoted')} but fell on {'; '.join(falls)}: kept the current model"
+    return GateVerdict(True, False, metric, f"{reason} ({trade_reason})" if trade_reason else reason)
+
+
+def _speed_trade(
+    candidate: Mapping[str, float], current: Mapping[str, float], metric: str, config: GateConfig
+) -> tuple[bool, str]:
+    """(accepted, reason) of trading a little quality for embedding speed; reason "" where no trade
+    applies (trades off, or both models of one architecture, or an architecture not recorded).
+
+    Accepted when the candidate embeds at least `speed_trade_min_speedup` times faster and falls by
+    at most `speed_trade_max_loss` on the gate metric and on each guard metric measured on both.
+    """
+    if config.speed_trade_max_loss == 0:
+        return False, ""
+    architectures = candidate.get(ARCHITECTURE), current.get(ARCHITECTURE)
+    if None in architectures or architectures[0] == architectures[1]:
+        return False, ""
+    for side, metrics in (("candidate", candidate), ("current model", current)):
+        if not (_measured(metrics, EMBEDDING_SPEED) and metrics[EMBEDDING_SPEED] > 0):
+            return False, f"no speed trade: embedding speed not measured for the {side}"
+    new_speed, old_speed = float(candidate[EMBEDDING_SPEED]), float(current[EMBEDDING_SPEED])
+    speedup = new_speed / old_speed
+    speeds = (f"{speedup:.1f}x embedding speed ({new_speed:.1f} vs {old_speed:.1f} faces/s, "
+              f"{architectures[0]} vs {architectures[1]})")
+    if speedup < config.speed_trade_min_speedup:
+        return False, f"no speed trade: {speeds}, less than the required {config.speed_trade_min_speedup:g}x"
+    losses = {
+        name: float(current[name]) - float(candidate[name])
+        for name in dict.fromkeys((metric, *config.guard_metrics))
+        if _measured(candidate, name) and _measured(current, name)
+    }
+    too_big = [f"{name} by {loss:.4f}" for name, loss in losses.items() if loss > config.speed_trade_max_loss]
+    if too_big:
+        return False, f"no speed trade: fell on {', '.join(too_big)}, more than the allowed {config.speed_trade_max_loss:g}"
+    new, old = float(candidate[metric]), float(current[metric])
+    traded = ", ".join(f"{loss:.4f} {name}" for name, loss in losses.items() if loss > 0) or "nothing"
+    return True, (f"speed trade: {metric} {new:.4f} vs current {old:.4f} ({new - old:+.4f}); traded {traded} "
+                  f"for {speeds}, each loss within {config.speed_trade_max_loss:g}: promoted")
 
 
 def label_churn(previous: Mapping[int, Hashable | None], current: Mapping[int, Hashable | None]) -> float:

@@ -3,8 +3,9 @@
 `choose_judge` picks what judges a retrained model (pipeline.holdout's order): configured
 validation photos, else identities of the export held out from training (reviewed ones first,
 else a share of pseudo-identities). `judge_metrics` calibrates a model on unlabelled mined faces
-(pipeline.calibration, stored on the model row as `metrics["calibration"]`) and scores it on the
-held-out people at that operating point.
+(pipeline.calibration, stored on the model row as `metrics["calibration"]`, with the embedding
+speed timed on those very chips, `embedding_speed`) and scores it on the held-out people at that
+operating point.
 
 GPU work runs inside `gpu` (a context-manager factory; none by default): the flows pass their
 Prefect concurrency slot (`flows.gpu.gpu_slot`), plain callers run without one.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +33,9 @@ from PIL import Image
 from pipeline.calibration import calibrate
 from pipeline.config import GateConfig
 from pipeline.detect import FaceDetector
+from pipeline.embed import Embedder
 from pipeline.errors import FacemineError
+from pipeline.gate import ARCHITECTURE, EMBEDDING_SPEED
 from pipeline.hashing import open_input
 from pipeline.holdout import (
     CONFIGURED,
@@ -251,12 +255,34 @@ def _read_chips(paths: list[Path]) -> np.ndarray:
     return np.stack(chips)
 
 
+def _model_embedder(settings: Settings, model_id: int) -> Embedder:
+    model = store_for(settings).model(model_id)
+    return inference_embedder(model.kind, model.weights_path, settings.embed.device)
+
+
 def _embed_chip_files(settings: Settings, model_id: int, paths: list[Path], gpu: GpuSlot) -> np.ndarray:
-    store = store_for(settings)
-    model = store.model(model_id)
-    embedder = inference_embedder(model.kind, model.weights_path, settings.embed.device)
+    embedder = _model_embedder(settings, model_id)
     with gpu():
         return embedder.embed(_read_chips(paths), batch_size=settings.embed.batch_size, flip_tta=settings.embed.flip_tta)
+
+
+# Chips per forward pass when embedding speed is measured: one figure comparable across models and devices.
+SPEED_BATCH = 64
+
+
+def embedding_speed(embedder: Embedder, chips: np.ndarray, flip_tta: bool = False) -> tuple[np.ndarray, float]:
+    """(embeddings, faces/s): `chips` embedded in batches of SPEED_BATCH, each timed. The speed is
+    the median batch's, over the batches after the first (it pays for warm-up: tracing, allocation,
+    caches another model left cold; the median ignores batches a shared machine disturbed); the
+    only batch's when there is one. Pass an inference embedder (`Embedder.for_inference`), as the
+    pipeline embeds."""
+    vectors, seconds_per_face = [], []
+    for start in range(0, len(chips), SPEED_BATCH):
+        batch = chips[start:start + SPEED_BATCH]
+        started = time.perf_counter()
+        vectors.append(embedder.embed(batch, batch_size=SPEED_BATCH, flip_tta=flip_tta))  # returns on the host: synchronised
+        seconds_per_face.append((time.perf_counter() - started) / len(batch))
+    return np.concatenate(vectors), 1.0 / float(np.median(seconds_per_face[1:] or seconds_per_face))
 
 
 def calibration_sample(
@@ -274,10 +300,16 @@ def calibrate_model(
     settings: Settings, model_id: int, sample: list[tuple[Path, str]], gpu: GpuSlot = nullcontext
 ) -> dict:
     """The model's operating points on these chips (pairs within one pseudo-identity left out);
-    stored on its row (`metrics["calibration"]`)."""
-    vectors = _embed_chip_files(settings, model_id, [path for path, _ in sample], gpu)
+    stored on its row (`metrics["calibration"]`) with its architecture and the embedding speed
+    timed while embedding them (`embedding_speed`: free, and every model of a gate is timed on
+    the same chips on the same device)."""
+    embedder = _model_embedder(settings, model_id)
+    chips = _read_chips([path for path, _ in sample])
+    with gpu():
+        vectors, faces_per_second = embedding_speed(embedder, chips, settings.embed.flip_tta)
     calibration = calibrate(vectors, np.array([label for _, label in sample]))
-    registry.update_model_metrics(store_for(settings), model_id, {"calibration": calibration})
+    registry.update_model_metrics(store_for(settings), model_id, {
+        "calibration": calibration, EMBEDDING_SPEED: faces_per_second, ARCHITECTURE: embedder.kind})
     return calibration
 
 

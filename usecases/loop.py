@@ -25,7 +25,7 @@ from typing import TypeVar
 import pandas as pd
 
 from pipeline.config import TrainConfig
-from pipeline.gate import label_churn, should_stop
+from pipeline.gate import EMBEDDING_SPEED, label_churn, should_stop
 from storage import identities as identity_store
 from storage import registry
 from storage.settings import Settings
@@ -132,8 +132,8 @@ def run_loop(
 
 
 def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
-    """One row per stored iteration: which data judged the gate, gate metric of current and candidate,
-    decision, identities, churn, time."""
+    """One row per stored iteration: which data judged the gate, gate metric and embedding speed
+    (faces/s) of current and candidate, decision, identities, churn, time."""
     rows = []
     for stored in registry.loop_iterations(store, loop_name):
         metrics = stored["metrics"]
@@ -145,6 +145,9 @@ def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
             "judged_by": metrics.get("judged_by", "not recorded"),
             "current": metrics["current"].get(metric),
             "candidate": metrics["candidate"].get(metric),
+            # Older iterations predate the speed measurement.
+            "current_faces/s": _rounded(metrics["current"].get(EMBEDDING_SPEED)),
+            "candidate_faces/s": _rounded(metrics["candidate"].get(EMBEDDING_SPEED)),
             "promoted": stored["promoted"],
             "model_id": stored["model_id"],
             "identities": metrics["identities"],
@@ -153,6 +156,10 @@ def loop_table(store: Store, loop_name: str) -> pd.DataFrame:
             "gate_reason": metrics["gate_reason"],
         })
     return pd.DataFrame(rows)
+
+
+def _rounded(faces_per_second: float | None) -> float | None:
+    return None if faces_per_second is None else round(faces_per_second, 1)
 
 
 def plot_loop(table: pd.DataFrame, path: Path, title: str) -> Path:

@@ -2,8 +2,9 @@
 
     export ──choose who judges (configured photos / reviewed / pseudo-identities held out)──▶
     train on the rest (current model as base) ──▶ candidate ──register (parent, run, export)──▶
-    calibrate both models on the same unlabelled faces ──▶ score both on the held-out people
-    at their own operating points ──gate──▶ promoted, or kept with the reason
+    calibrate both models on the same unlabelled faces (timing their embedding speed) ──▶ score
+    both on the held-out people at their own operating points ──gate──▶ promoted (better, or a
+    speed trade), or kept with the reason
 
 Every step is recorded: the `TrainingRun` goes running → done (or failed, with the error), its
 history fills epoch by epoch, its metrics say which data judged the gate, and the candidate model
@@ -28,7 +29,7 @@ from sklearn.model_selection import ParameterGrid
 
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
-from pipeline.gate import GateVerdict, judge
+from pipeline.gate import ARCHITECTURE, EMBEDDING_SPEED, GateVerdict, judge
 from pipeline.train import filter_pseudo_labels, train_embedder
 from storage import registry
 from storage.settings import Settings
@@ -97,8 +98,12 @@ def register_candidate(settings: Settings, checkpoint: str, parent_id: int, trai
 
 
 def evaluate_model(settings: Settings, model_id: int, judged_by: Judge, export_path: str, gpu: GpuSlot = nullcontext) -> dict:
-    """The model's held-out figures at its own calibrated operating point (usecases.holdout.judge_metrics)."""
-    return judge_metrics(settings, model_id, judged_by, registry.export_samples(export_path), gpu)
+    """The model's held-out figures at its own calibrated operating point (usecases.holdout.judge_metrics),
+    with its architecture and the embedding speed timed while calibrating it (this evaluation's,
+    stored on its row by `calibrate_model`): the gate's speed trade compares them."""
+    metrics = judge_metrics(settings, model_id, judged_by, registry.export_samples(export_path), gpu)
+    stored = registry.model_record(store_for(settings), model_id)["metrics"]
+    return metrics | {name: stored[name] for name in (EMBEDDING_SPEED, ARCHITECTURE)}
 
 
 @dataclass(frozen=True)

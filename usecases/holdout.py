@@ -285,11 +285,16 @@ def embedding_speed(embedder: Embedder, chips: np.ndarray, flip_tta: bool = Fals
     return np.concatenate(vectors), 1.0 / float(np.median(seconds_per_face[1:] or seconds_per_face))
 
 
+def exported_faces(export_samples: dict[str, list[tuple[Path, str]]]) -> list[tuple[Path, str]]:
+    """Every (chip, pseudo-identity) of the export, each once, in order."""
+    return sorted({row for split in export_samples.values() for row in split})
+
+
 def calibration_sample(
     export_samples: dict[str, list[tuple[Path, str]]], faces: int, seed: int = 0
 ) -> list[tuple[Path, str]]:
     """A seeded sample of the export's (chip, pseudo-identity) that every model of a gate is calibrated on."""
-    rows = sorted({row for split in export_samples.values() for row in split})
+    rows = exported_faces(export_samples)
     if len(rows) > faces:
         chosen = np.random.default_rng(seed).choice(len(rows), faces, replace=False)
         rows = [rows[index] for index in sorted(chosen)]
@@ -297,7 +302,8 @@ def calibration_sample(
 
 
 def calibrate_model(
-    settings: Settings, model_id: int, sample: list[tuple[Path, str]], gpu: GpuSlot = nullcontext
+    settings: Settings, model_id: int, sample: list[tuple[Path, str]], gpu: GpuSlot = nullcontext,
+    collection_faces: int | None = None,
 ) -> dict:
     """The model's operating points on these chips (pairs within one pseudo-identity left out);
     stored on its row (`metrics["calibration"]`) with its architecture and the embedding speed
@@ -307,7 +313,7 @@ def calibrate_model(
     chips = _read_chips([path for path, _ in sample])
     with gpu():
         vectors, faces_per_second = embedding_speed(embedder, chips, settings.embed.flip_tta)
-    calibration = calibrate(vectors, np.array([label for _, label in sample]))
+    calibration = calibrate(vectors, np.array([label for _, label in sample]), collection_faces=collection_faces)
     registry.update_model_metrics(store_for(settings), model_id, {
         "calibration": calibration, EMBEDDING_SPEED: faces_per_second, ARCHITECTURE: embedder.kind})
     return calibration
@@ -323,7 +329,10 @@ def judge_metrics(
     """Calibrate the model on the export's (unlabelled) chips, then score it on the held-out people
     at its own floor. Returns verification_*, clustering_* and the calibration under `calibration`."""
     gate = settings.gate
-    calibration = calibrate_model(settings, model_id, calibration_sample(export_samples, gate.calibration_faces), gpu)
+    # The floor depends on the collection's size: the sample's is scaled to the whole export's.
+    exported = len(exported_faces(export_samples))
+    sample = calibration_sample(export_samples, gate.calibration_faces)
+    calibration = calibrate_model(settings, model_id, sample, gpu, collection_faces=exported)
     floor = calibration["cluster_min_similarity"]
     if judge.source == CONFIGURED:
         holdout = load_holdout(settings, judge.pairs_csv, judge.truth_csv, gpu)

@@ -14,7 +14,7 @@ from pydantic import Field
 from flows.gpu import gpu_slot
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
-from pipeline.gate import ARCHITECTURE, EMBEDDING_SPEED
+from pipeline.gate import ARCHITECTURE, BEST_BCUBED_F, EMBEDDING_SPEED
 from storage.settings import Settings
 from usecases import training
 from usecases.holdout import Judge
@@ -44,7 +44,7 @@ TASKS = training.RetrainSteps(train=train_task, register=register_task, evaluate
 ARTIFACT_MEASURES = (
     "clustering_bcubed_f", "clustering_bcubed_precision", "clustering_bcubed_recall", "verification_auc",
     "verification_tar@far=0.001", "verification_tar@far=0.01", "verification_accuracy", EMBEDDING_SPEED,
-    "clustering_floor",
+    "clustering_floor", BEST_BCUBED_F, "clustering_best_floor",
 )
 
 

@@ -252,6 +252,9 @@ class GateConfig(BaseModel):
         "verification_auc", "verification_tar@far=0.001",
     )
     guard_tolerance: float = Field(default=0.0, ge=0.0)
+    # A clustering_bcubed_f gain must also hold with each model at its best held-out floor (within
+    # 0.15 of its calibrated one): otherwise it is where the calibrated floors fell, a scale shift.
+    floor_free_check: bool = True
     # Speed trade (pipeline.gate.judge): a candidate of another architecture (e.g. the student
     # recipe's) that is no better still passes when it embeds at least `speed_trade_min_speedup`
     # times faster than the current model (both timed in the same evaluation on the same machine)

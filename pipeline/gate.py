@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pipeline.config import GateConfig
 
 AUTO_METRICS = ("clustering_bcubed_f", "verification_auc")
+# Held-out BCubed F at each model's best floor (pipeline.holdout.best_floor_metrics).
+BEST_BCUBED_F = "clustering_best_bcubed_f"
 # Recorded beside the quality figures when a model is evaluated (usecases.holdout.calibrate_model):
 # faces/s at batch 64 on the evaluating device, and the network architecture (`Embedder.kind`).
 EMBEDDING_SPEED = "embedding_faces_per_second"
@@ -76,6 +78,11 @@ def judge(candidate: Mapping[str, float], current: Mapping[str, float], config: 
         if guard != metric and _measured(candidate, guard) and _measured(current, guard)
         and candidate[guard] < current[guard] - config.guard_tolerance
     ]
+    if passed and config.floor_free_check and metric == "clustering_bcubed_f" and not _floor_free_gain(candidate, current, config):
+        passed = False
+        reason = (f"{reason.removesuffix(': promoted')} only at the calibrated floors: at each model's best floor "
+                  f"{candidate[BEST_BCUBED_F]:.4f} vs current {current[BEST_BCUBED_F]:.4f}, a shift of the "
+                  "similarity scale, not a better model: kept the current model")
     if passed and not falls:
         return GateVerdict(True, True, metric, reason)
     traded, trade_reason = _speed_trade(candidate, current, metric, config)
@@ -84,6 +91,16 @@ def judge(candidate: Mapping[str, float], current: Mapping[str, float], config: 
     if passed:  # better on the gate metric, but a guard fell
         reason = f"{reason.removesuffix(': promoted')} but fell on {'; '.join(falls)}: kept the current model"
     return GateVerdict(True, False, metric, f"{reason} ({trade_reason})" if trade_reason else reason)
+
+
+def _floor_free_gain(candidate: Mapping[str, float], current: Mapping[str, float], config: GateConfig) -> bool:
+    """Whether a BCubed F gain also holds with each model at its best floor (where both measured).
+
+    Calibration places each model's floor only approximately: a model whose similarity scale
+    moved lands elsewhere on its curve, and a gain at the calibrated floors can be that alone."""
+    if not (_measured(candidate, BEST_BCUBED_F) and _measured(current, BEST_BCUBED_F)):
+        return True
+    return candidate[BEST_BCUBED_F] > current[BEST_BCUBED_F] + config.min_improvement
 
 
 def _speed_trade(

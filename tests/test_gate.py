@@ -80,6 +80,23 @@ def test_a_guard_metric_that_falls_keeps_the_current_model() -> None:
     assert judge({"clustering_bcubed_f": 0.95}, BOTH, GateConfig()).passed is True
 
 
+def test_a_gain_only_at_the_calibrated_floors_is_a_scale_shift_and_keeps_the_current_model() -> None:
+    # Measured: a candidate scoring at its calibrated floor what SFace scores at its best floor.
+    current = BOTH | {"clustering_bcubed_f": 0.9568, "clustering_best_bcubed_f": 0.9600}
+    shifted = BOTH | {"clustering_bcubed_f": 0.9600, "clustering_best_bcubed_f": 0.9600}
+    verdict = judge(shifted, current, GateConfig())
+    assert (verdict.judged, verdict.passed) == (True, False)
+    assert verdict.reason == (
+        "clustering_bcubed_f 0.9600 vs current 0.9568 (+0.0032, more than the required 0) only at the calibrated floors: at each "
+        "model's best floor 0.9600 vs current 0.9600, a shift of the similarity scale, not a better model: "
+        "kept the current model")
+    better = shifted | {"clustering_best_bcubed_f": 0.9610}
+    assert judge(better, current, GateConfig()).passed is True
+    assert judge(shifted, current, GateConfig(floor_free_check=False)).passed is True
+    # Where the best floors were not measured, the calibrated figures decide as before.
+    assert judge(BOTH | {"clustering_bcubed_f": 0.96}, BOTH, GateConfig()).passed is True
+
+
 def test_unmeasured_gate_metric_is_not_judged() -> None:
     verdict = judge({"verification_auc": 0.99}, {"verification_auc": 0.98}, GateConfig(metric="clustering_bcubed_f"))
     assert (verdict.judged, verdict.passed) == (False, False)
@@ -132,6 +149,9 @@ def test_identity_holdout_metrics_judge_at_the_given_floor() -> None:
     assert good["clustering_floor"] == 0.3 and good["holdout_identities"] == 2 and good["verification_pairs"] == 12
     split = identity_holdout_metrics(vectors, people, floor=0.999, config=ClusterConfig(), max_pairs=100)
     assert split["clustering_bcubed_recall"] == pytest.approx(1 / 3) and split["clustering_bcubed_precision"] == 1.0
+    # The best floor within 0.15 of the given one (the lowest of those that score best).
+    assert (good["clustering_best_bcubed_f"], good["clustering_best_floor"]) == (1.0, 0.15)
+    assert (split["clustering_best_bcubed_f"], split["clustering_best_floor"]) == (0.5, 0.849)
 
 
 # ---- calibration --------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ geometry of SFace embeddings), identical for every row of one size.
 Rows, each run in its own subprocess so its time and peak memory are its own:
 - facemine: `pipeline.cluster.cluster` with default `ClusterConfig` (faiss k-NN graph: exact
   up to `exact_index_max_cpu`, IVF above, GPU when present; then Infomap);
+- facemine-vs (with --compare FIELD=VALUE...): the facemine row again with these fields changed
+  too, e.g. an earlier default, run right after it so both see the same machine load;
 - facemine-exact: the same with an exact (brute-force) faiss index at every size, showing what
   the IVF index saves and whether it costs quality;
 - sklearn-dbscan: scikit-learn's exact brute-force k-NN graph (`NearestNeighbors`, cosine) and
@@ -30,6 +32,7 @@ wall clock measures the other users as much as facemine.
 
     .venv/bin/python benchmarks/cluster_scale.py [--sizes 100000 1000000] [--baseline-max 100000]
         [--subsets 1000] [--subset-size 10000] [--workers 2] [--set ivf_nprobe=16 ...]
+        [--compare ivf_codes='"flat"' ivf_nprobe=32 ...]
 """
 from __future__ import annotations
 
@@ -365,6 +368,10 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, json.loads(value)
 
 
+def set_arguments(overrides: dict) -> list[str]:
+    return ["--set", *(f"{key}={json.dumps(value)}" for key, value in overrides.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000],
@@ -376,6 +383,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Dask worker processes")
     parser.add_argument("--set", type=parse_override, nargs="*", default=[], metavar="FIELD=VALUE",
                         help="ClusterConfig fields to change from their defaults, e.g. ivf_nprobe=16")
+    parser.add_argument("--compare", type=parse_override, nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="add a facemine-vs row at every size with these fields changed on top of --set")
     parser.add_argument("--worker", choices=sorted([*METHODS, "scale-out"]), help=argparse.SUPPRESS)
     args = parser.parse_args()
     overrides = dict(args.set)
@@ -385,7 +394,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.sizes[0], overrides)))
         return
-    passed = ["--set", *(f"{key}={json.dumps(value)}" for key, value in overrides.items())]
+    passed = set_arguments(overrides)
     rows = []
     for size in args.sizes:
         for method in METHODS:
@@ -396,8 +405,15 @@ def main() -> None:
             row = run_worker(["--worker", method, "--sizes", str(size), *passed])
             rows.append({"method": method, "size": size, **row})
             print(f"done: {method} on {size} faces", file=sys.stderr, flush=True)
+            if method == "facemine" and args.compare:
+                compared = set_arguments({**overrides, **dict(args.compare)})
+                row = run_worker(["--worker", method, "--sizes", str(size), *compared])
+                rows.append({"size": size, **row, "method": "facemine-vs"})
+                print(f"done: facemine-vs on {size} faces", file=sys.stderr, flush=True)
     if rows:
         print_table(rows)
+    if args.compare:
+        print("facemine-vs: facemine with " + ", ".join(f"{key}={value!r}" for key, value in args.compare))
     for n_subsets in args.subsets:
         arguments = ["--worker", "scale-out", "--subsets", str(n_subsets), "--subset-size", str(args.subset_size),
                      "--workers", str(args.workers), *passed]

@@ -15,8 +15,11 @@ Public API
     such as attaching a face to identity centroids.
 
 Index settings come from ``ClusterConfig``: an exact ``IndexFlatIP`` up to
-``exact_index_max_gpu`` / ``exact_index_max_cpu`` base vectors, an ``IndexIVFFlat`` (about
-4*sqrt(N) lists, ``ivf_nprobe`` of them searched) beyond. With ``device="auto"`` the index runs
+``exact_index_max_gpu`` / ``exact_index_max_cpu`` base vectors, an IVF index (about 4*sqrt(N)
+lists, ``ivf_nprobe`` of them searched) beyond. On the CPU its lists hold 4-bit PQ codes scanned
+by faiss's fast-scan kernels, and an ``IndexRefineFlat`` re-scores the best ``ivf_rerank_factor``
+x k candidates with exact inner products (``ivf_codes="pq4"``), or full vectors
+(``IndexIVFFlat``, ``ivf_codes="flat"``, always on the GPU). With ``device="auto"`` the index runs
 on every visible GPU when faiss was built with GPU support and CUDA is available, else on the
 CPU. Queries go through in batches of ``query_batch`` rows so the result buffers of one search
 stay bounded however large N is.
@@ -114,18 +117,26 @@ def _search(queries: np.ndarray, base: np.ndarray, k: int, config: ClusterConfig
 def _build_index(base: np.ndarray, config: ClusterConfig) -> faiss.Index:
     dim = base.shape[1]
     use_gpu = _use_gpu(config.device)
-    exact = len(base) <= (config.exact_index_max_gpu if use_gpu else config.exact_index_max_cpu)
-    lists = max(1, min(int(4 * np.sqrt(len(base))), len(base) // _MIN_POINTS_PER_LIST))
-    if exact:
+    if len(base) <= (config.exact_index_max_gpu if use_gpu else config.exact_index_max_cpu):
         index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        if use_gpu:
+            index = faiss.index_cpu_to_all_gpus(index)
+        index.add(base)
+        return index
+    lists = max(1, min(int(4 * np.sqrt(len(base))), len(base) // _MIN_POINTS_PER_LIST))
+    # faiss's GPU build has no fast-scan codes (nor needs them: it scans full vectors fast), and
+    # a 4-bit code book (16 centroids per sub-quantizer) needs enough vectors to train on.
+    quantized = config.ivf_codes == "pq4" and not use_gpu and len(base) >= 16 * _MIN_POINTS_PER_LIST
+    # Two dimensions per 4-bit sub-quantizer: at 128-d a code is 32 bytes, a 16th of the vector.
+    codes = f"PQ{dim // 2 if dim % 2 == 0 else dim}x4fs,RFlat" if quantized else "Flat"
+    index = faiss.index_factory(dim, f"IVF{lists},{codes}", faiss.METRIC_INNER_PRODUCT)
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-    if not exact:
-        index.train(_training_sample(base, lists))
-        space = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
-        space.set_index_parameter(index, "nprobe", config.ivf_nprobe)
+    index.train(_training_sample(base, lists))
+    space = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
+    space.set_index_parameter(index, "nprobe", config.ivf_nprobe)
+    if quantized:
+        space.set_index_parameter(index, "k_factor_rf", config.ivf_rerank_factor)
     index.add(base)
     return index
 

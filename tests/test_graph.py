@@ -41,10 +41,13 @@ def test_identical_vectors_find_each_other_not_themselves() -> None:
     np.testing.assert_allclose(graph.similarities[:, 0], 1.0, atol=1e-6)
 
 
-def test_ivf_recall_close_to_exact_on_clustered_points() -> None:
+@pytest.mark.parametrize("codes", ["pq4", "flat"])
+def test_ivf_recall_close_to_exact_on_clustered_points(codes: str) -> None:
     vectors = sphere_clusters(400, 25, dim=128, noise=1.0)
     exact = build_knn(vectors, k=10)
-    ivf = ClusterConfig(exact_index_max_cpu=1000, exact_index_max_gpu=1000, ivf_nprobe=16, query_batch=3000)
+    ivf = ClusterConfig(
+        exact_index_max_cpu=1000, exact_index_max_gpu=1000, ivf_codes=codes, ivf_nprobe=16, query_batch=3000
+    )
     approximate = build_knn(vectors, k=10, config=ivf)
 
     found = [len(np.intersect1d(a, b)) for a, b in zip(exact.indices, approximate.indices)]
@@ -53,6 +56,31 @@ def test_ivf_recall_close_to_exact_on_clustered_points() -> None:
     # The true same-centre neighbours are what matters for clustering: nearly all survive.
     same_centre = approximate.indices // 25 == np.arange(len(vectors))[:, None] // 25
     assert same_centre[:, :5].mean() > 0.95
+
+
+def test_quantized_ivf_rescores_its_candidates_exactly() -> None:
+    # 200 tight identities (cosine about 0.8 inside one) in 51 IVF lists, 8 probed: the 4-bit codes
+    # only pick candidates, which are then scored on the full vectors, so the graph is the exact one.
+    vectors = sphere_clusters(200, 10, dim=128, noise=0.5)
+    exact = build_knn(vectors, k=9)
+    quantized = ClusterConfig(exact_index_max_cpu=1000, exact_index_max_gpu=1000, ivf_codes="pq4", ivf_nprobe=8)
+    approximate = build_knn(vectors, k=9, config=quantized)
+
+    np.testing.assert_array_equal(np.sort(approximate.indices, axis=1), np.sort(exact.indices, axis=1))
+    assert np.all(approximate.indices // 10 == np.arange(2000)[:, None] // 10)  # all nine of its own identity
+    similarity = vectors @ vectors.T
+    rescored = np.take_along_axis(similarity, approximate.indices, axis=1)
+    np.testing.assert_allclose(approximate.similarities, rescored, atol=1e-5)
+
+
+def test_ivf_over_too_few_vectors_for_a_code_book_scans_them_in_full() -> None:
+    vectors = sphere_clusters(4, 3)  # 12 vectors: fewer than the 16 centroids of a 4-bit code book
+    forced = ClusterConfig(exact_index_max_cpu=1, exact_index_max_gpu=1, ivf_codes="pq4")
+    approximate = build_knn(vectors, k=3, config=forced)
+
+    exact = build_knn(vectors, k=3)
+    np.testing.assert_array_equal(approximate.indices, exact.indices)
+    np.testing.assert_allclose(approximate.similarities, exact.similarities, atol=1e-6)
 
 
 def test_small_sets_are_padded_with_missing_neighbours() -> None:

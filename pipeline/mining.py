@@ -4,6 +4,8 @@ Plain Python: the Prefect flow calls `Miner.process` per shard and hands the rec
 """
 from __future__ import annotations
 
+import ctypes
+import platform
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,35 @@ from pipeline.device import limit_cpu_threads, torch_threads_restored
 from pipeline.embed import Embedder
 from pipeline.ingest import ImageRejected, LoadedImage, load_image
 from pipeline.quality import QualityResult, assess, measure
+
+
+# glibc's mallopt parameter capping the number of malloc arenas (malloc.h).
+_M_ARENA_MAX = -8
+
+
+def _glibc() -> ctypes.CDLL | None:
+    return ctypes.CDLL("libc.so.6") if platform.libc_ver()[0] == "glibc" else None
+
+
+def limit_malloc_arenas(arenas: int) -> None:
+    """Cap glibc's malloc arenas (call before the threads start). Each thread that allocates
+    while another does gets an arena of its own (up to 8 per core), and memory freed in one
+    arena serves only the threads using it: mining's decoding and compute threads, each freeing
+    tens of MB of pixels per batch, kept ~50 MB more resident with glibc's default than with one
+    arena per compute thread (400 CelebA photos: peak 1.45 against 1.50 GiB; CPU time equal
+    within a loaded machine's noise). Other allocators: nothing to do."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, max(1, arenas))
+
+
+def release_free_memory() -> None:
+    """Hand memory that glibc's malloc holds free back to the system (malloc_trim): what model
+    loading (the ONNX graph while converting it) and a shard's photos left behind. Freed memory
+    otherwise stays resident, in arenas the next shard's threads may never reuse."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass
@@ -62,6 +93,7 @@ class Miner:
         self.embed_batch_size = embed_batch_size
         self.flip_tta = flip_tta
         self.decode_workers = decode_workers
+        limit_malloc_arenas(self.compute_threads())
 
     def _load(self, path: str) -> LoadedImage | PhotoRecord:
         try:
@@ -125,6 +157,7 @@ class Miner:
             for batch in embedding:
                 for record, face in batch.result():
                     record.faces.append(face)
+        release_free_memory()
         return records
 
     @staticmethod
@@ -186,7 +219,9 @@ def build_miner(
     decode_workers: int,
 ) -> Miner:
     detector = FaceDetector(detect, device=embedder.device, max_side=ingest.detect_max_side)
-    return Miner(detector, embedder, ingest, quality, embed_batch_size, flip_tta, decode_workers)
+    miner = Miner(detector, embedder, ingest, quality, embed_batch_size, flip_tta, decode_workers)
+    release_free_memory()
+    return miner
 
 
 def realign_faces(

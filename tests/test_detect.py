@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from facenet_pytorch import MTCNN
+from facenet_pytorch.models.utils.detect_face import imresample
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou
 
 from pipeline.config import DetectConfig, IngestConfig
-from pipeline.detect import Detection, FaceDetector
+from pipeline.detect import Detection, FaceDetector, _resized
 from pipeline.ingest import load_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -232,6 +233,20 @@ def test_same_detections_as_facenet_pytorch_mtcnn(detector):
                 landmarks[ours_order], np.asarray(their_landmarks, np.float64)[their_order], atol=1e-3
             )
     assert sum(len(boxes) for boxes, _, _ in detector._run_mtcnn(list(padded))) >= 15
+
+
+def test_uint8_photos_resized_one_at_a_time_equal_the_float_batch():
+    """Detection keeps a batch as uint8 and makes each photo float only to resize it: every
+    pyramid level must equal resizing the whole float batch, bit for bit."""
+    photos = [read_rgb(ANNOTATED / name) for name in ("2008_002470.jpg", "2008_007676.jpg")]
+    padded = np.zeros((len(photos), max(p.shape[0] for p in photos), max(p.shape[1] for p in photos), 3), np.uint8)
+    for slot, photo in zip(padded, photos):
+        slot[: photo.shape[0], : photo.shape[1]] = photo
+    batch = torch.from_numpy(padded).permute(0, 3, 1, 2).contiguous()
+    height, width = batch.shape[2:]
+    for scale in (0.375, 0.1885, 0.05):
+        size = (int(height * scale + 1), int(width * scale + 1))
+        assert torch.equal(_resized(batch, size), imresample(batch.float(), size))
 
 
 def test_downscaled_detection_reports_original_pixels():

@@ -25,16 +25,20 @@ def _store(settings_json: str) -> Store:
     return Store(Settings.model_validate_json(settings_json))
 
 
-@lru_cache(maxsize=4)
-def load_embedder(kind: str, weights: str | None, device: str) -> Embedder:
+def _build_embedder(kind: str, weights: str | None, device: str) -> Embedder:
     """`weights`: a path, or the URL of trained weights on an object-storage data root."""
     return create_embedder(kind, weights=weights and local_file(weights), device=device)
 
 
+load_embedder = lru_cache(maxsize=4)(_build_embedder)
+
+
 @lru_cache(maxsize=4)
 def inference_embedder(kind: str, weights: str | None, device: str) -> Embedder:
-    """`load_embedder`'s model sped up for embedding only (`Embedder.for_inference`); train the other."""
-    return load_embedder(kind, weights, device).for_inference()
+    """The model sped up for embedding only (`Embedder.for_inference`); train `load_embedder`'s.
+    Built apart from that cache, so a process that only embeds (mining) does not keep the
+    trainable module's weights beside the fast copy's (about 40-130 MB for SFace)."""
+    return _build_embedder(kind, weights, device).for_inference()
 
 
 def register(
@@ -64,20 +68,21 @@ def register(
     )
 
 
-def current_embedder(settings: Settings) -> tuple[Embedder, ModelInfo]:
+def current_model(settings: Settings) -> ModelInfo:
     """The store's current model, or the configured default registered as the first model."""
     store = store_for(settings)
     current = store.current_model()
     if current is not None:
-        return load_embedder(current.kind, current.weights_path, settings.embed.device), current
+        return current
     weights = settings.default_weights(settings.embed.model)
-    embedder = load_embedder(settings.embed.model, str(weights) if weights else None, settings.embed.device)
-    return embedder, register(store, embedder)
+    # Registering reads only the weights' hash and the preprocessing: the fast copy mining embeds
+    # with serves, so no trainable copy is loaded for it.
+    return register(store, inference_embedder(settings.embed.model, str(weights) if weights else None, settings.embed.device))
 
 
 def miner_for(settings: Settings) -> tuple[Miner, ModelInfo]:
     """A miner around the current model (re-read each call: a promotion switches models)."""
-    _, model = current_embedder(settings)
+    model = current_model(settings)
     return _miner(settings.model_dump_json(), model.kind, model.weights_path), model
 
 

@@ -41,7 +41,7 @@ from usecases.holdout import (
     judge_metrics,
     training_samples,
 )
-from usecases.runtime import current_embedder, load_embedder, register, store_for
+from usecases.runtime import current_model, load_embedder, register, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def prepare_judging(settings: Settings, export_id: int | None, validation_pairs:
     pairs_csv = str(Path(validation_pairs).resolve()) if validation_pairs else settings.gate.validation_pairs
     export = registry.pick_export(store, export_id)
     judged_by = choose_judge(store, registry.export_samples(export["path"]), settings.gate, pairs_csv)
-    _, base = current_embedder(settings)
+    base = current_model(settings)
     return Judging(export, base, judged_by)
 
 

@@ -82,19 +82,23 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     pytest.importorskip("moto.server", reason="moto[server] is in the `test` extra")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # Its log (a line per request) goes to a file: a pipe nobody reads fills up after a few
+    # hundred requests, and then the server blocks on its next log line.
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not _answers(f"{endpoint}/moto-api/"):
             if process.poll() is not None:
-                raise RuntimeError(f"moto server exited: {process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"moto server exited: {log_path.read_text()[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"moto server did not answer on {endpoint} within {START_TIMEOUT_SECONDS} s")
             time.sleep(0.2)
@@ -106,7 +110,7 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        process.stderr.close()
+        log.close()
 
 
 @pytest.fixture

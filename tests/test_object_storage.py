@@ -294,6 +294,7 @@ def test_trained_weights_reach_every_machine_through_the_data_root(two_stores, t
     assert model.weights_path == f"s3://facemine-mined/facemine/models/{trained.weights_hash}.pt"
     assert remote.root.read_bytes(f"models/{trained.weights_hash}.pt") == checkpoint.read_bytes()
     checkpoint.unlink()  # the other machine never had the file
+    Store(remote.settings)  # which opens its store first, making its object-store settings fsspec's
     elsewhere = runtime.load_embedder(model.kind, model.weights_path, "cpu")
     assert elsewhere.weights_hash == trained.weights_hash
     chips = ChipDataset([remote.root.location(key) for key in sorted(chip_objects(remote))[:4]], range(4), size=112)

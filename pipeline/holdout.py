@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.cluster import UNASSIGNED, cluster
+from pipeline.cluster import UNASSIGNED, cluster, knn_graph
 from pipeline.config import ClusterConfig
 from pipeline.detect import Detection
 from pipeline.evaluate import clustering_metrics
 from pipeline.gate import BEST_BCUBED_F
+from pipeline.graph import KnnGraph
 from pipeline.verification import evaluate_pairs, sample_verification_pairs
 
 # What judged a gate, best first (GateConfig's docs and the gate's record use these words).
@@ -79,14 +80,25 @@ def choose_holdout_identities(
 FLOOR_OFFSETS = np.round(np.arange(-0.15, 0.1501, 0.01), 2)
 
 
-def best_floor_metrics(vectors: np.ndarray, identities: np.ndarray, config: ClusterConfig, floor: float) -> dict[str, float]:
+def _graph(vectors: np.ndarray, config: ClusterConfig) -> KnnGraph | None:
+    """The k-NN graph that clustering at every floor shares (the floor only filters its links)."""
+    return knn_graph(vectors, config) if len(vectors) >= 2 else None
+
+
+def _labels_at(vectors: np.ndarray, config: ClusterConfig, floor: float, graph: KnnGraph | None) -> np.ndarray:
+    return cluster(vectors, config.model_copy(update={"min_similarity": floor}), graph=graph)
+
+
+def best_floor_metrics(
+    vectors: np.ndarray, identities: np.ndarray, config: ClusterConfig, floor: float, graph: KnnGraph | None
+) -> dict[str, float]:
     """The best held-out BCubed F over floors within 0.15 of the calibrated `floor`, and that floor.
 
     It reads the labels, so it is no operating point; it tells a better model (better at its best
-    floor too) from one whose gain at its calibrated floor only comes from where that floor fell."""
+    floor too) from one whose gain at its calibrated floor only comes from where that floor fell.
+    `graph`: the vectors' k-NN graph (`_graph`), built once for every floor."""
     scores = [
-        (clustering_metrics(identities, cluster(vectors, config.model_copy(update={"min_similarity": floor + offset})))["bcubed_f"],
-         floor + offset)
+        (clustering_metrics(identities, _labels_at(vectors, config, floor + offset, graph))["bcubed_f"], floor + offset)
         for offset in FLOOR_OFFSETS
     ]
     best, at = max(scores, key=lambda score: score[0])
@@ -104,13 +116,14 @@ def identity_holdout_metrics(
     """
     index_a, index_b, same = sample_verification_pairs(identities, max_pairs, seed)
     report = evaluate_pairs(vectors[index_a], vectors[index_b], same, seed=seed)
-    labels = cluster(vectors, config.model_copy(update={"min_similarity": floor}))
+    graph = _graph(vectors, config)
+    labels = _labels_at(vectors, config, floor, graph)
     return {
         **{f"verification_{name}": value for name, value in report.as_dict().items()},
         "verification_pairs": int(len(same)),
         **{f"clustering_{name}": value for name, value in clustering_metrics(identities, labels).items()},
         "clustering_floor": float(floor),
-        **best_floor_metrics(vectors, identities, config, floor),
+        **best_floor_metrics(vectors, identities, config, floor, graph),
         "holdout_faces": int(len(identities)),
         "holdout_identities": int(len(np.unique(identities))),
     }
@@ -146,10 +159,11 @@ def clustering_holdout_metrics(
     """Clustering metrics of `config`'s method at the model's `floor` over labelled photos; a
     faceless photo is a singleton."""
     labels = np.full(len(found), UNASSIGNED, np.int64)
-    labels[found] = cluster(vectors[found], config.model_copy(update={"min_similarity": floor}))
+    graph = _graph(vectors[found], config)
+    labels[found] = _labels_at(vectors[found], config, floor, graph)
     # Faceless photos are singletons at every floor: the best floor is judged on the found faces.
     return {
         **{f"clustering_{name}": value for name, value in clustering_metrics(identities, labels).items()},
         "clustering_floor": float(floor),
-        **best_floor_metrics(vectors[found], identities[found], config, floor),
+        **best_floor_metrics(vectors[found], identities[found], config, floor, graph),
     }

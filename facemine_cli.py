@@ -285,22 +285,21 @@ def cmd_loop_report(args: argparse.Namespace) -> int:
 
 def cmd_models(_args: argparse.Namespace) -> int:
     from pipeline.gate import EMBEDDING_SPEED
-    from storage.registry import model_record, models_table
+    from storage.registry import models_table
     from storage.reports import model_details
 
-    store = _store()
-    table = models_table(store).drop(columns=["created_at"])
+    models = models_table(_store())
+    table = models.drop(columns=["created_at", "metrics", "train_params"])
     # Quality beside speed, as the gate's evaluations stored them on each model's row (a candidate:
     # all its figures; a current model: faces/s, and quality where configured validation data judged).
-    metrics = [model_record(store, int(model_id))["metrics"] for model_id in table.id]
     for column, metric, places in (("bcubed_f", "clustering_bcubed_f", 4), ("auc", "verification_auc", 4),
                                    ("faces/s", EMBEDDING_SPEED, 1)):
-        figures = [entry.get(metric) for entry in metrics]
+        figures = [entry.get(metric) for entry in models.metrics]
         table.insert(table.columns.get_loc("gate_reason"), column,
                      [None if figure is None else round(figure, places) for figure in figures])
     _print_table(table.astype(object).where(table.notna(), "").to_dict("records"), title="models")
-    for model_id, name in zip(table.id, table.name):
-        details = model_details(store, int(model_id))
+    for model_id, name, train_params, metrics in zip(models.id, models.name, models.train_params, models.metrics):
+        details = model_details(train_params, metrics)
         if details:
             _print_table(details, title=f"model {model_id} ({name}): training parameters and metrics")
         else:

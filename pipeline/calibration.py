@@ -16,8 +16,8 @@ another. The procedure, one for every model:
 4. Clustering floor: the lowest similarity above which at most a quarter (`IMPOSTOR_LINK_SHARE`)
    of the faces' k-NN links are expected to be impostors. Above t a face of a collection of N
    faces expects (N - 1) * P(an impostor pair scores over t) impostor links (the normal of step
-   2's tail, at most k); its links above t are those its k-NN list shows (the default clustering
-   graph's k = 30; all faces, pseudo-identities not read), at least one counted per face. Where the impostor distribution
+   2's tail, at most k); its links above t are those its k-NN list shows (the clustering graph's
+   k, 30 by default; all faces, pseudo-identities not read), at least one counted per face. Where the impostor distribution
    alone cannot tell how low to go, this can: how many faces of the same person a collection
    holds against how many look-alike strangers it holds. A collection of many photos per person
    (many same-person links) gets a low floor that buys recall; one of mostly single-photo people,
@@ -114,12 +114,14 @@ def cluster_floor(
 
 
 def calibrate(
-    vectors: np.ndarray, groups: np.ndarray | None = None, seed: int = 0, collection_faces: int | None = None
+    vectors: np.ndarray, groups: np.ndarray | None = None, k: int = ClusterConfig().k, seed: int = 0,
+    collection_faces: int | None = None,
 ) -> dict:
     """The model's operating points on these faces (no ground truth; `groups`: their pseudo-identities;
+    `k`: the k-NN list size of the clustering the floor is for, whose lists it counts;
     `collection_faces`: the size of the collection they are a uniform sample of, default their number)."""
     centre, spread, pairs = impostor_statistics(vectors, groups, seed=seed)
-    graph = build_knn(vectors, min(ClusterConfig().k, len(vectors) - 1))
+    graph = build_knn(vectors, min(k, len(vectors) - 1))
     return {
         "cluster_min_similarity": round(cluster_floor(graph, centre, spread, collection_faces), 4),
         "verification_threshold": round(centre + VERIFICATION_Z * spread, 4),

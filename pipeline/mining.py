@@ -93,7 +93,6 @@ class Miner:
         self.embed_batch_size = embed_batch_size
         self.flip_tta = flip_tta
         self.decode_workers = decode_workers
-        limit_malloc_arenas(self.compute_threads())
 
     def _load(self, path: str) -> LoadedImage | PhotoRecord:
         try:
@@ -218,8 +217,12 @@ def build_miner(
     flip_tta: bool,
     decode_workers: int,
 ) -> Miner:
+    """The miner a mining process holds (usecases.runtime caches one per process). Building it also
+    caps the process's malloc arenas at its compute threads: a process-wide setting, so it is made
+    here, for processes that mine, and not by every `Miner`."""
     detector = FaceDetector(detect, device=embedder.device, max_side=ingest.detect_max_side)
     miner = Miner(detector, embedder, ingest, quality, embed_batch_size, flip_tta, decode_workers)
+    limit_malloc_arenas(miner.compute_threads())
     release_free_memory()
     return miner
 

@@ -184,16 +184,20 @@ def lineage(store: Store, model_id: int) -> list[dict]:
 
 
 def models_table(store: Store) -> pd.DataFrame:
-    """One row per registered model, oldest first, with its training run's export."""
+    """One row per registered model, oldest first, with its training run's export and parameters
+    (`train_params`, {} without a run) and its metrics: one query, however many models."""
     query = (
         select(Model.id, Model.name, Model.kind, Model.status, Model.parent_id, Model.training_run_id,
-               TrainingRun.export_id, Model.gate_reason, Model.created_at)
+               TrainingRun.export_id, Model.gate_reason, Model.created_at, Model.metrics,
+               TrainingRun.params.label("train_params"))
         .outerjoin(TrainingRun, TrainingRun.id == Model.training_run_id)
         .order_by(Model.id)
     )
     with store.session() as session:
         rows = session.execute(query).mappings().all()
     table = pd.DataFrame(rows, columns=[c.key for c in query.selected_columns])
+    table["train_params"] = [params or {} for params in table.train_params]
+    table["metrics"] = [metrics or {} for metrics in table.metrics]
     return table.astype({"parent_id": "Int64", "training_run_id": "Int64", "export_id": "Int64"})
 
 

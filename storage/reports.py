@@ -7,7 +7,6 @@ import json
 from sqlalchemy import select
 
 from pipeline.quality import report_from_reasons
-from storage import registry
 from storage.db import in_chunks
 from storage.schema import Face, PhotoPath, Subset
 from storage.store import Store
@@ -59,14 +58,12 @@ def mined_paths(store: Store, paths: list[str]) -> set[str]:
     return found
 
 
-def model_details(store: Store, model_id: int) -> list[dict]:
+def model_details(train_params: dict, metrics: dict) -> list[dict]:
     """Rows (`kind`, `name`, `value`) of a model's training parameters (its training run's) and
-    its metrics; nested values by dotted name, floats to 4 places."""
-    record = registry.model_record(store, model_id)
-    params = registry.training_run(store, record["training_run_id"])["params"] if record["training_run_id"] else {}
+    its metrics (`registry.models_table` has both); nested values by dotted name, floats to 4 places."""
     return [
         {"kind": kind, "name": name, "value": value}
-        for kind, values in (("training parameter", params), ("metric", record["metrics"]))
+        for kind, values in (("training parameter", train_params), ("metric", metrics))
         for name, value in _flat(values)
     ]
 

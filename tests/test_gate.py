@@ -230,6 +230,8 @@ def test_many_photos_per_person_lower_the_floor_at_one_impostor_distribution() -
     assert strangers["cluster_min_similarity"] == round(centre + 3.67 * spread, 4) == 0.4639
     # Twenty same-person links per face take the floor 0.85 spreads lower.
     assert families["cluster_min_similarity"] == 0.3573
+    # A clustering whose k-NN lists hold 10 links sees at most 10 of them a face: a higher floor.
+    assert calibrate(people, k=10)["cluster_min_similarity"] == 0.3879
     centre, spread, _ = impostor_statistics(people)
     assert families["verification_threshold"] == round(centre + VERIFICATION_Z * spread, 4)
 

@@ -305,18 +305,22 @@ def calibrate_model(
     settings: Settings, model_id: int, sample: list[tuple[Path, str]], gpu: GpuSlot = nullcontext,
     collection_faces: int | None = None,
 ) -> dict:
-    """The model's operating points on these chips (pairs within one pseudo-identity left out);
-    stored on its row (`metrics["calibration"]`) with its architecture and the embedding speed
-    timed while embedding them (`embedding_speed`: free, and every model of a gate is timed on
-    the same chips on the same device)."""
+    """{"calibration": the model's operating points on these chips (pairs within one pseudo-identity
+    left out), EMBEDDING_SPEED: faces/s timed while embedding them (`embedding_speed`: free, and
+    every model of a gate is timed on the same chips on the same device), ARCHITECTURE: its
+    embedder kind}, also stored on its row."""
     embedder = _model_embedder(settings, model_id)
     chips = _read_chips([path for path, _ in sample])
     with gpu():
         vectors, faces_per_second = embedding_speed(embedder, chips, settings.embed.flip_tta)
-    calibration = calibrate(vectors, np.array([label for _, label in sample]), collection_faces=collection_faces)
-    registry.update_model_metrics(store_for(settings), model_id, {
-        "calibration": calibration, EMBEDDING_SPEED: faces_per_second, ARCHITECTURE: embedder.kind})
-    return calibration
+    recorded = {
+        "calibration": calibrate(vectors, np.array([label for _, label in sample]), settings.cluster.k,
+                                 collection_faces=collection_faces),
+        EMBEDDING_SPEED: faces_per_second,
+        ARCHITECTURE: embedder.kind,
+    }
+    registry.update_model_metrics(store_for(settings), model_id, recorded)
+    return recorded
 
 
 def judge_metrics(
@@ -327,13 +331,15 @@ def judge_metrics(
     gpu: GpuSlot = nullcontext,
 ) -> dict:
     """Calibrate the model on the export's (unlabelled) chips, then score it on the held-out people
-    at its own floor. Returns verification_*, clustering_* and the calibration under `calibration`."""
+    at its own floor. Returns verification_*, clustering_*, and what `calibrate_model` recorded: the
+    calibration under `calibration`, the embedding speed and the architecture (the gate's speed trade
+    compares them)."""
     gate = settings.gate
     # The floor depends on the collection's size: the sample's is scaled to the whole export's.
     exported = len(exported_faces(export_samples))
     sample = calibration_sample(export_samples, gate.calibration_faces)
-    calibration = calibrate_model(settings, model_id, sample, gpu, collection_faces=exported)
-    floor = calibration["cluster_min_similarity"]
+    recorded = calibrate_model(settings, model_id, sample, gpu, collection_faces=exported)
+    floor = recorded["calibration"]["cluster_min_similarity"]
     if judge.source == CONFIGURED:
         holdout = load_holdout(settings, judge.pairs_csv, judge.truth_csv, gpu)
         metrics = holdout_metrics(settings, model_id, holdout, floor, gpu)
@@ -345,4 +351,4 @@ def judge_metrics(
             vectors, np.array([label for _, label in rows]), floor, settings.cluster, gate.holdout_max_pairs
         )
     logger.info("model %d judged on %s at floor %.4f: %s", model_id, judge.description, floor, metrics)
-    return {**metrics, "calibration": calibration}
+    return {**metrics, **recorded}

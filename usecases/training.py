@@ -29,7 +29,7 @@ from sklearn.model_selection import ParameterGrid
 
 from pipeline.config import TrainConfig
 from pipeline.errors import FacemineError
-from pipeline.gate import ARCHITECTURE, EMBEDDING_SPEED, GateVerdict, judge
+from pipeline.gate import GateVerdict, judge
 from pipeline.train import filter_pseudo_labels, train_embedder
 from storage import registry
 from storage.settings import Settings
@@ -98,12 +98,9 @@ def register_candidate(settings: Settings, checkpoint: str, parent_id: int, trai
 
 
 def evaluate_model(settings: Settings, model_id: int, judged_by: Judge, export_path: str, gpu: GpuSlot = nullcontext) -> dict:
-    """The model's held-out figures at its own calibrated operating point (usecases.holdout.judge_metrics),
-    with its architecture and the embedding speed timed while calibrating it (this evaluation's,
-    stored on its row by `calibrate_model`): the gate's speed trade compares them."""
-    metrics = judge_metrics(settings, model_id, judged_by, registry.export_samples(export_path), gpu)
-    stored = registry.model_record(store_for(settings), model_id)["metrics"]
-    return metrics | {name: stored[name] for name in (EMBEDDING_SPEED, ARCHITECTURE)}
+    """The model's held-out figures at its own calibrated operating point, with its architecture and
+    the embedding speed timed while calibrating it (usecases.holdout.judge_metrics)."""
+    return judge_metrics(settings, model_id, judged_by, registry.export_samples(export_path), gpu)
 
 
 @dataclass(frozen=True)

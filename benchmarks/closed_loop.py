@@ -184,6 +184,7 @@ def curve(args: argparse.Namespace) -> dict:
     from flows.mine import mine
     from pipeline.config import TrainConfig
     from storage.exports import export_dataset
+    from storage.reports import mined_paths
     from usecases.training import RetrainSteps, retrain, train_candidate
 
     cpu = {"train": 0.0}
@@ -203,7 +204,9 @@ def curve(args: argparse.Namespace) -> dict:
         with measured() as mining:
             mine(folders=photos.path.tolist(), subset="celeba")
         export = export_dataset(store, f"curve-{limit or 'all'}", settings.export, run_id=embed_and_cluster(settings))
-        size = {"photos": len(photos), "people": int(photos.identity.nunique()), "chips": export_chips(export),
+        # The export holds every photo the store mined: a store given again may hold more than `limit`.
+        in_store = source[source.path.isin(mined_paths(store, source.path.tolist()))]
+        size = {"photos": len(in_store), "people": int(in_store.identity.nunique()), "chips": export_chips(export),
                 "mine_minutes": round(mining.seconds / 60, 1)}
         for recipe in args.recipes:
             for epochs in [epochs for photos_limit, epochs in points if photos_limit == limit]:

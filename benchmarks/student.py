@@ -71,6 +71,21 @@ def largest_chips(store_dir: Path, subset: str, paths: list[str]) -> dict[str, P
     return {row.source_path: store_dir / row.chip_path for row in largest.itertuples()}
 
 
+def other_lfw_samples(lfw_store: Path, pairs: pd.DataFrame, count: int) -> tuple[list[tuple[Path, str]], int]:
+    """(chip, person) of about `count` LFW faces of people in none of `pairs`, and how many people.
+    More mined faces to distil on: the loss reads no labels; the names only keep each person's
+    faces apart in the data's bookkeeping."""
+    if not count:
+        return [], 0
+    judged_people = {Path(path).parent.name for path in pd.concat([pairs.path_a, pairs.path_b])}
+    others = pd.read_csv(LFW / "labels.csv")
+    others = others[~others.identity.isin(judged_people)]
+    others = others.iloc[:: max(1, len(others) // count)][:count].assign(path=lambda rows: [str(LFW / p) for p in rows.path])
+    chips = largest_chips(lfw_store, "lfw", others.path.tolist())
+    others = others[others.path.isin(chips)]
+    return [(chips[path], f"lfw:{person}") for path, person in zip(others.path, others.identity)], others.identity.nunique()
+
+
 def load_chips(files: list[Path]) -> np.ndarray:
     return np.stack([np.array(Image.open(path).convert("RGB")) for path in files])
 
@@ -133,6 +148,13 @@ def run(args: argparse.Namespace) -> dict:
     out_dir = Path(args.out_dir)
     config = TrainConfig(recipe="student", epochs=args.epochs, batch_size=BATCH, base_lr=args.lr,
                          num_workers=0, seed=args.seed)
+    samples = [(celeba[path], identity) for path, identity in zip(source.path, source.identity)]
+    extra, extra_people = other_lfw_samples(args.lfw_store, pairs, args.extra_lfw)
+    report = {"rows": rows, "speedup": round(speed["student"] / speed["teacher"], 2),
+              "train_people": int(source.identity.nunique()) + int(extra_people),
+              "train_chips": len(samples) + len(extra), "train_lfw_chips": len(extra),
+              "held_out_people": int(held.identity.nunique()), "held_out_faces": len(held),
+              "lfw_pairs": len(pairs), "config": config.model_dump()}
     cpu = {"seconds": 0.0, "since": time.process_time()}
 
     def judge_epoch(entry: dict) -> None:
@@ -142,29 +164,10 @@ def run(args: argparse.Namespace) -> dict:
         rows.append({"model": "student", "epochs": entry["epoch"], "train_cpu_min": round(cpu["seconds"] / 60, 1),
                      "faces_per_s": round(speed["student"], 1), **judge(student, held_chips, held_truth, pair_chips, same)})
         print(rows[-1], flush=True)
+        write_json(args.json, report)  # after each epoch: a run stopped early keeps its points
         cpu["since"] = time.process_time()
 
-    samples = [(celeba[path], identity) for path, identity in zip(source.path, source.identity)]
-    # More mined faces of other people: LFW photos of people in none of the judged pairs (the loss
-    # reads no labels; the names only keep each person's faces apart in the data's bookkeeping).
-    judged_people = {Path(path).parent.name for path in pd.concat([pairs.path_a, pairs.path_b])}
-    others = pd.read_csv(LFW / "labels.csv")
-    others = others[~others.identity.isin(judged_people)]
-    others = others.iloc[:: max(1, len(others) // args.extra_lfw)][: args.extra_lfw] if args.extra_lfw else others[:0]
-    extra = largest_chips(args.lfw_store, "lfw", [str(LFW / path) for path in others.path])
-    samples += [(extra[str(LFW / path)], f"lfw:{identity}") for path, identity in zip(others.path, others.identity)
-                if str(LFW / path) in extra]
-    report = {"rows": rows, "speedup": round(speed["student"] / speed["teacher"], 2),
-              "train_people": int(source.identity.nunique()) + int(others.identity.nunique()),
-              "train_chips": len(samples), "train_lfw_chips": len(samples) - len(source),
-              "held_out_people": int(held.identity.nunique()), "held_out_faces": len(held),
-              "lfw_pairs": len(pairs), "config": config.model_dump()}
-
-    def judge_and_write(entry: dict) -> None:
-        judge_epoch(entry)
-        write_json(args.json, report)  # after each epoch: a run stopped early keeps its points
-
-    result = train_embedder(teacher, samples, None, config, out_dir, resume=False, progress=judge_and_write)
+    result = train_embedder(teacher, samples + extra, None, config, out_dir, resume=False, progress=judge_epoch)
     return report | {"checkpoint": str(result.checkpoint_path)}
 
 
